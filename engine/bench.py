@@ -1,0 +1,97 @@
+"""Decode speed of the hybrid engine against stock transformers, same model, same process, same loop.
+
+Both sides run through `Session`, so sampling and KV handling cost the same; the difference is the
+experts implementation (and the engine's bookkeeping). Rounds alternate between the two so that a
+noisy neighbour on the machine slows both alike; the best round of each is reported.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .loader import LoadedModel, inspect_model, load_model
+from .session import GenerationParams, Session
+
+SYNTHETIC = dict(  # >= 8 layers, 32 experts, top-4, hidden 512: the shape the performance goal names
+    vocab_size=4096, hidden_size=512, intermediate_size=1024, moe_intermediate_size=512,
+    num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+    num_experts=32, num_experts_per_tok=4, decoder_sparse_step=1, max_position_embeddings=2048,
+)
+
+
+def synthetic_model(out_dir: str | Path) -> Path:
+    """A random Qwen3-MoE checkpoint of the benchmark's shape (no tokenizer: the bench uses token ids)."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    out = Path(out_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen3MoeConfig(**SYNTHETIC), dtype=torch.float32)
+    model.save_pretrained(out)
+    return out
+
+
+def stock_model(path: str | Path, experts_implementation: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, experts_implementation=experts_implementation)
+    model.eval().requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=None, info=inspect_model(path), runtime=None,
+                       device=torch.device("cpu"))
+
+
+def decode_rate(session: Session, prompt: list[int], new_tokens: int) -> tuple[float, list[int]]:
+    """Tokens/s of the decode phase (the prompt's prefill is timed apart and excluded)."""
+    session.reset()
+    session.eos_ids = set()
+    params = GenerationParams(max_new_tokens=new_tokens, greedy=True, repetition_penalty=1.0)
+    it = session.generate(prompt, params)
+    ids = [next(it).token_id]  # first token comes from the prefill
+    t = time.perf_counter()
+    ids += [e.token_id for e in it]
+    return (len(ids) - 1) / (time.perf_counter() - t), ids
+
+
+def run_bench(model: str | None, *, budget="0.25", policy="lru", new_tokens=64, rounds=3,
+              prompt_len=32, threads: int | None = None, log=print) -> dict:
+    tmp = None
+    if model is None:
+        tmp = tempfile.TemporaryDirectory()
+        log("building a synthetic model (8 layers, 32 experts, top-4, hidden 512)…")
+        model = str(synthetic_model(tmp.name))
+    if threads:
+        torch.set_num_threads(threads)
+    engine = load_model(model, device="cpu", budget=budget, policy=policy, threads=threads, profile=None)
+    vocab = engine.model.config.get_text_config().vocab_size
+    prompt = torch.randint(0, vocab, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    contenders = {"engine": Session(engine)}
+    for impl in ("grouped_mm", "eager"):
+        contenders[f"transformers[{impl}]"] = Session(stock_model(model, impl))
+    best = {name: 0.0 for name in contenders}
+    tokens = {}
+    for r in range(rounds + 1):  # round 0 warms up
+        for name, session in contenders.items():
+            rate, ids = decode_rate(session, prompt, new_tokens)
+            tokens[name] = ids
+            if r:
+                best[name] = max(best[name], rate)
+        log(f"round {r}: " + ", ".join(f"{n} {best[n]:.1f} tok/s" for n in contenders) if r else "warm-up done")
+    baseline = max(v for k, v in best.items() if k != "engine")
+    snap = engine.runtime.snapshot() if engine.runtime else {}
+    result = {
+        "model": engine.info.name,
+        "threads": torch.get_num_threads(),
+        "budget_bytes": snap.get("budget_bytes", 0),
+        "policy": policy,
+        "new_tokens": new_tokens,
+        "decode_tokens_per_s": best,
+        "ratio_vs_best_stock": best["engine"] / baseline if baseline else 0.0,
+        "same_tokens": all(t == tokens["engine"] for t in tokens.values()),
+        "hit_rate": snap.get("hit_rate", 0.0),
+    }
+    if tmp is not None:
+        tmp.cleanup()
+    return result

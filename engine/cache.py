@@ -1,0 +1,169 @@
+"""Which (layer, expert) sits in which fast-device slot: bookkeeping only, no tensors.
+
+The runtime owns the slot tensors; this class decides. Keeping the two apart lets the simulator replay
+traces through exactly the same admission and eviction logic as the live engine.
+
+Scope `per_layer` gives every MoE layer an equal share of the slots (the seed paper's setting);
+`pooled` lets layers compete for one pool, so hot layers can hold more experts than cold ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .policies import Policy
+
+
+@dataclass
+class Admission:
+    layer: int
+    expert: int
+    slot: int
+    evicted: tuple[int, int] | None  # (layer, expert) that left the slot, if any
+
+
+class ExpertCache:
+    def __init__(self, num_layers: int, num_experts: int, policy: Policy, capacity: int = 0,
+                 scope: str = "per_layer"):
+        if scope not in ("per_layer", "pooled"):
+            raise ValueError(f"cache scope must be 'per_layer' or 'pooled', not {scope!r}")
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.policy = policy
+        self.scope = scope
+        self.slot_of = np.full((num_layers, num_experts), -1, dtype=np.int64)  # -1: not resident
+        self.reserved = np.zeros((num_layers, num_experts), dtype=bool)  # admitted, copy still in flight
+        self.key_of_slot: list[tuple[int, int] | None] = []
+        self.capacity = 0
+        self.resize(capacity, step=0)
+
+    # -- queries -------------------------------------------------------------------------------
+    def lookup(self, layer: int, experts: np.ndarray) -> np.ndarray:
+        """Slot of each expert, -1 for a miss (an admission still in flight is a miss too)."""
+        return self.slot_of[layer, experts]
+
+    def occupied(self) -> np.ndarray:
+        return (self.slot_of >= 0) | self.reserved
+
+    def layer_capacity(self, layer: int) -> int:
+        if self.scope == "pooled":
+            return self.capacity
+        base, extra = divmod(self.capacity, self.num_layers)
+        return min(self.num_experts, base + (1 if layer < extra else 0))
+
+    def cached_count(self) -> int:
+        return int((self.slot_of >= 0).sum())
+
+    def resident_keys(self) -> list[tuple[int, int]]:
+        layers, experts = np.nonzero(self.slot_of >= 0)
+        return list(zip(layers.tolist(), experts.tolist()))
+
+    # -- decisions -----------------------------------------------------------------------------
+    def _victim(self, layer: int, prio: np.ndarray) -> tuple[int, int] | None:
+        """Lowest-priority resident in the candidate's scope (never an in-flight admission)."""
+        resident = self.slot_of >= 0
+        if self.scope == "per_layer":
+            row = np.where(resident[layer], prio[layer], np.inf)
+            e = int(np.argmin(row))
+            return (layer, e) if np.isfinite(row[e]) else None
+        masked = np.where(resident, prio, np.inf)
+        flat = int(np.argmin(masked))
+        l, e = divmod(flat, self.num_experts)
+        return (l, e) if np.isfinite(masked[l, e]) else None
+
+    def _has_room(self, layer: int) -> bool:
+        occ = self.occupied()
+        used = occ[layer].sum() if self.scope == "per_layer" else occ.sum()
+        return used < self.layer_capacity(layer) and None in self.key_of_slot
+
+    def admit(self, layer: int, experts: np.ndarray, step: int, limit: int,
+              reserve: bool = False) -> list[Admission]:
+        """Try to place missed experts (best first); at most `limit` of them.
+
+        An expert enters when there is room in its scope, or when it outranks the scope's weakest
+        resident, which is then evicted. With `reserve` the place is held but the expert only counts
+        as cached once `commit` is called (its copy has landed).
+        """
+        if limit <= 0 or self.capacity == 0 or len(experts) == 0:
+            return []
+        prio = self.policy.priority(step)
+        order = experts[np.argsort(-prio[layer, experts], kind="stable")]
+        done: list[Admission] = []
+        for e in order.tolist():
+            if len(done) >= limit:
+                break
+            if self.slot_of[layer, e] >= 0 or self.reserved[layer, e]:
+                continue
+            evicted = None
+            if not self._has_room(layer):
+                victim = self._victim(layer, prio)
+                if victim is None or prio[layer, e] <= prio[victim]:
+                    continue
+                evicted = victim
+                slot = int(self.slot_of[victim])
+                self.slot_of[victim] = -1
+            else:
+                slot = self.key_of_slot.index(None)
+            self.key_of_slot[slot] = (layer, e)
+            if reserve:
+                self.reserved[layer, e] = True
+            else:
+                self.slot_of[layer, e] = slot
+            done.append(Admission(layer, e, slot, evicted))
+        return done
+
+    def commit(self, layer: int, expert: int, slot: int) -> None:
+        """An in-flight admission has landed: from now on it is a hit."""
+        self.reserved[layer, expert] = False
+        if self.key_of_slot[slot] == (layer, expert):
+            self.slot_of[layer, expert] = slot
+
+    def preload(self, scores: np.ndarray) -> list[Admission]:
+        """Fill empty places with the highest-scoring experts (warm start from a profile)."""
+        done: list[Admission] = []
+        order = np.argsort(-scores, axis=None, kind="stable")
+        for flat in order.tolist():
+            layer, e = divmod(flat, self.num_experts)
+            if scores[layer, e] <= 0:
+                break
+            if self.slot_of[layer, e] < 0 and self._has_room(layer):
+                slot = self.key_of_slot.index(None)
+                self.key_of_slot[slot] = (layer, e)
+                self.slot_of[layer, e] = slot
+                done.append(Admission(layer, e, slot, None))
+        return done
+
+    def resize(self, capacity: int, step: int) -> list[tuple[int, int]]:
+        """Change the number of slots; evict the weakest first. Returns (old slot, new slot) moves.
+
+        Slots are renumbered densely so the runtime can shrink its tensors and free memory.
+        In-flight admissions are dropped: the caller waits for copies before resizing.
+        """
+        capacity = max(0, min(int(capacity), self.num_layers * self.num_experts))
+        self.reserved[:] = False
+        self.capacity = capacity
+        prio = self.policy.priority(step)
+        keep = self.slot_of >= 0
+        for layer in range(self.num_layers) if self.scope == "per_layer" else [None]:
+            rows = keep[layer] if layer is not None else keep
+            cap = self.layer_capacity(layer) if layer is not None else capacity
+            excess = int(rows.sum()) - cap
+            if excess > 0:
+                p = np.where(rows, prio[layer] if layer is not None else prio, np.inf)
+                drop = np.argsort(p, axis=None, kind="stable")[:excess]
+                idx = np.unravel_index(drop, p.shape)
+                if layer is not None:
+                    keep[layer, idx[0]] = False
+                else:
+                    keep[idx] = False
+        moves = []
+        new_slot_of = np.full_like(self.slot_of, -1)
+        self.key_of_slot = [None] * capacity
+        for new, (layer, e) in enumerate(zip(*np.nonzero(keep))):
+            moves.append((int(self.slot_of[layer, e]), new))
+            new_slot_of[layer, e] = new
+            self.key_of_slot[new] = (int(layer), int(e))
+        self.slot_of = new_slot_of
+        return moves

@@ -1,0 +1,304 @@
+"""`python -m engine ...`: the engine's headless face. With --json, exactly one JSON object on stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+
+from .errors import EngineError
+from .policies import POLICIES
+
+log = logging.getLogger("engine")
+
+
+def _default_model() -> str:
+    from .demo_model import DEMO_MODEL_DIR
+
+    if not (DEMO_MODEL_DIR / "config.json").exists():
+        raise EngineError(f"no --model given and the embedded demo model is missing at {DEMO_MODEL_DIR}")
+    return str(DEMO_MODEL_DIR)
+
+
+def _progress(fraction: float, message: str) -> None:
+    print(f"\r[{fraction * 100:5.1f}%] {message:<40}", end="" if fraction < 1 else "\n", file=sys.stderr, flush=True)
+
+
+def _add_model_args(p: argparse.ArgumentParser, runtime: bool = True) -> None:
+    p.add_argument("--model", help="model folder or a model id in the local Hugging Face cache (default: the demo model)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model-supplied Python code (only for folders you trust)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    if not runtime:
+        return
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--budget", default="0.25", help="cache size: bytes (512MiB, 2GiB) or a fraction of all expert bytes (0.25)")
+    p.add_argument("--policy", default="lru", choices=sorted(POLICIES))
+    p.add_argument("--scope", default="per_layer", choices=["per_layer", "pooled"])
+    p.add_argument("--threads", type=int, help="CPU threads for the miss path (default: physical cores)")
+    p.add_argument("--force-slots", action="store_true", help="real cache slots even when the fast device is the CPU")
+    p.add_argument("--profile", default="auto", help="warm-start profile file, 'auto' (the saved one) or 'none'")
+
+
+def _load(args):
+    from .loader import load_model
+
+    return load_model(
+        args.model or _default_model(), device=args.device, budget=args.budget, policy=args.policy,
+        scope=args.scope, threads=args.threads, force_slots=args.force_slots,
+        profile=None if args.profile == "none" else args.profile, trust_remote_code=args.trust_remote_code,
+        progress=_progress,
+    )
+
+
+def _params(args):
+    from .sampling import GenerationParams
+
+    sampling = any(v is not None for v in (args.temperature, args.top_p, args.top_k, args.seed))
+    return GenerationParams(
+        max_new_tokens=args.max_new_tokens,
+        greedy=args.greedy or not sampling,
+        temperature=0.7 if args.temperature is None else args.temperature,
+        top_p=0.9 if args.top_p is None else args.top_p,
+        top_k=40 if args.top_k is None else args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop or [],
+    )
+
+
+def _stats(runtime, session_stats: dict) -> dict:
+    snap = runtime.snapshot() if runtime else {}
+    return {
+        "hit_rate": snap.get("hit_rate", 0.0),
+        "hits": snap.get("hits", 0),
+        "misses": snap.get("misses", 0),
+        "fetches": snap.get("fetches", 0),
+        "per_layer": snap.get("per_layer", []),
+        "prefill_tokens_per_s": session_stats.get("prefill_tokens_per_s", 0.0),
+        "decode_tokens_per_s": session_stats.get("decode_tokens_per_s", 0.0),
+        "peak_fast_device_bytes": snap.get("peak_fast_device_bytes", 0),
+        "peak_rss_bytes": snap.get("peak_rss_bytes", 0),
+        "budget_bytes": snap.get("budget_bytes", 0),
+        "policy": snap.get("policy"),
+        "finish_reason": session_stats.get("finish_reason"),
+        "prompt_tokens": session_stats.get("prompt_tokens", 0),
+        "new_tokens": session_stats.get("new_tokens", 0),
+    }
+
+
+def cmd_info(args) -> dict:
+    from .loader import inspect_model
+
+    info = inspect_model(args.model or _default_model(), trust_remote_code=args.trust_remote_code)
+    d = info.to_dict()
+    d["memory_estimate"] = {dev: info.memory_estimate(dev) for dev in ("cpu", "cuda")}
+    if not args.json:
+        for k, v in d.items():
+            print(f"{k:>20}: {v}")
+    return d
+
+
+def cmd_generate(args) -> dict:
+    from .session import Session
+
+    loaded = _load(args)
+    session = Session(loaded)
+    params = _params(args)
+    if args.prompt_ids:
+        prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        events = session.generate(prompt, params)
+    elif args.chat:
+        events = session.chat([{"role": "user", "content": args.prompt}], params)
+    else:
+        events = session.generate(args.prompt, params)
+    ids, text = [], []
+    for ev in events:
+        ids.append(ev.token_id)
+        text.append(ev.text)
+        if not args.json:
+            print(ev.text, end="", flush=True)
+    if not args.json:
+        print()
+    return {"token_ids": ids, "text": "".join(text), "stats": _stats(loaded.runtime, session.last_stats)}
+
+
+def cmd_chat(args) -> None:
+    from .session import Session
+    from .units import format_bytes
+
+    loaded = _load(args)
+    session = Session(loaded)
+    params = _params(args)
+    messages: list[dict] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    cancel = threading.Event()
+    generating = threading.Event()
+
+    def on_sigint(signum, frame):
+        if generating.is_set():
+            cancel.set()
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    print(f"Chatting with {loaded.info.name}. Ctrl-C stops a reply; /budget X, /policy NAME, /stats, /reset, /quit.",
+          file=sys.stderr)
+    rt = loaded.runtime
+    while True:
+        try:
+            line = input("\n> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        cmd, _, arg = line.strip().partition(" ")
+        try:
+            if cmd in ("/quit", "/exit"):
+                return
+            if cmd == "/reset":
+                messages, _ = messages[:1 if args.system else 0], session.reset()
+                continue
+            if cmd == "/budget" and rt:
+                print(f"cache budget: {format_bytes(rt.set_budget(arg))}", file=sys.stderr)
+                continue
+            if cmd == "/policy" and rt:
+                rt.set_policy(arg)
+                continue
+            if cmd == "/stats":
+                print(json.dumps(_stats(rt, session.last_stats), indent=1), file=sys.stderr)
+                continue
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        cancel.clear()
+        generating.set()
+        reply = []
+        try:
+            for ev in session.chat(messages, params, cancel):
+                reply.append(ev.text)
+                print(ev.text, end="", flush=True)
+        finally:
+            generating.clear()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+        s = session.last_stats
+        hit = f", cache hit rate {rt.snapshot()['hit_rate']:.0%}" if rt else ""
+        print(f"\n[{s['new_tokens']} tokens, {s['decode_tokens_per_s']:.1f} tok/s, {s['finish_reason']}{hit}]",
+              file=sys.stderr)
+
+
+def cmd_profile(args) -> dict:
+    from pathlib import Path
+
+    import numpy as np
+
+    from .profiling import DEFAULT_PROMPTS, save_profile
+    from .session import Session
+
+    args.budget, args.policy = "0", "lru"
+    loaded = _load(args)
+    if loaded.runtime is None:
+        raise EngineError(f"{loaded.info.name} has no MoE layers: there is nothing to profile")
+    prompts = Path(args.prompts).read_text().splitlines() if args.prompts else DEFAULT_PROMPTS
+    prompts = [p for p in prompts if p.strip()]
+    session = Session(loaded)
+    params = _params(args)
+    tokens = 0
+    for i, p in enumerate(prompts):
+        _progress(i / len(prompts), f"profiling prompt {i + 1}/{len(prompts)}")
+        session.reset()
+        if loaded.tokenizer is not None:
+            events = session.chat([{"role": "user", "content": p}], params)
+        else:
+            events = session.generate([int(t) for t in p.split(",")], params)
+        tokens += sum(1 for _ in events)
+    _progress(1.0, "profile done")
+    usage = loaded.runtime.usage
+    path = save_profile(loaded.info, usage, tokens, len(prompts), args.out)
+    quarter = max(1, usage.shape[1] // 4)
+    top = np.sort(usage, axis=1)[:, -quarter:].sum(axis=1) / usage.sum(axis=1).clip(min=1)
+    return {"profile": str(path), "prompts": len(prompts), "tokens": tokens,
+            "top_quarter_token_share": float(top.mean())}
+
+
+def cmd_bench(args) -> dict:
+    from .bench import run_bench
+
+    result = run_bench(args.model, budget=args.budget, policy=args.policy, new_tokens=args.max_new_tokens,
+                       rounds=args.rounds, threads=args.threads, log=lambda m: print(m, file=sys.stderr))
+    if not args.json:
+        for name, rate in result["decode_tokens_per_s"].items():
+            print(f"{name:>26}: {rate:8.1f} tok/s")
+        print(f"{'engine / best stock':>26}: {result['ratio_vs_best_stock']:8.2f}x  (same tokens: {result['same_tokens']})")
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine", description="MoE Chat's hybrid CPU-GPU MoE engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="architecture, sizes and memory estimate of a model (no weights loaded)")
+    _add_model_args(p, runtime=False)
+    p.set_defaults(func=cmd_info)
+
+    def sampling(p, max_new=128):
+        p.add_argument("--max-new-tokens", type=int, default=max_new)
+        p.add_argument("--greedy", action="store_true", help="pick the most likely token (the default without sampling options)")
+        p.add_argument("--temperature", type=float)
+        p.add_argument("--top-p", type=float)
+        p.add_argument("--top-k", type=int)
+        p.add_argument("--seed", type=int)
+        p.add_argument("--repetition-penalty", type=float, default=1.0)
+        p.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+    p = sub.add_parser("generate", help="one reply to one prompt")
+    _add_model_args(p)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt")
+    group.add_argument("--prompt-ids", help="comma-separated token ids")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    sampling(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat in the terminal")
+    _add_model_args(p)
+    p.add_argument("--system", help="system prompt")
+    sampling(p, 512)
+    p.set_defaults(func=cmd_chat, temperature=None)
+
+    p = sub.add_parser("profile", help="count expert use on representative prompts and save a warm-start profile")
+    _add_model_args(p)
+    p.add_argument("--prompts", help="text file, one prompt per line (default: a built-in varied set)")
+    p.add_argument("--out", help="where to write the profile (default: next to the user's data)")
+    sampling(p, 48)
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("bench", help="decode tokens/s of the engine vs stock transformers on the CPU")
+    _add_model_args(p)
+    p.add_argument("--rounds", type=int, default=3)
+    sampling(p, 64)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    try:
+        result = args.func(args)
+    except EngineError as e:
+        if getattr(args, "json", False):
+            print(json.dumps({"error": str(e)}))
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if getattr(args, "json", False) and result is not None:
+        print(json.dumps(result))
+    return 0

@@ -1,0 +1,364 @@
+"""The hybrid runtime: per MoE layer and step, split routed experts into fast-device hits and CPU misses.
+
+It owns the expert cache (bookkeeping in `cache.py`, slot tensors here), the policy, the cost model
+and the telemetry. transformers calls `experts_forward` through the registered experts implementation;
+forward hooks on the model mark step boundaries, which is where budget and policy changes are applied.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import psutil
+import torch
+
+from .cache import Admission, ExpertCache
+from .cost_model import CostModel, calibrate_cpu, calibrate_cuda
+from .experts import expert_ffn, expert_tensor_names
+from .policies import make_policy
+from .telemetry import Telemetry, peak_rss_bytes, rss_bytes
+from .units import resolve_budget
+
+
+class HybridRuntime:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        experts_modules: list[torch.nn.Module],
+        device: torch.device,
+        *,
+        budget: int | float | str = 0.25,
+        policy: str = "lru",
+        scope: str = "per_layer",
+        force_slots: bool = False,
+        profile: np.ndarray | None = None,
+        admissions_per_layer: int | None = None,
+        dense_bytes: int = 0,
+    ):
+        self.model = model
+        self.modules = experts_modules
+        self.device = torch.device(device)
+        self.logical = self.device.type == "cpu" and not force_slots
+        self.names = expert_tensor_names(experts_modules[0])
+        shapes = {tuple((n, tuple(getattr(m, n).shape)) for n in self.names) for m in experts_modules}
+        if len(shapes) != 1:
+            raise ValueError("the MoE layers of this model have experts of different shapes; not supported yet")
+        first = experts_modules[0]
+        self.num_layers = len(experts_modules)
+        self.num_experts = int(getattr(first, self.names[0]).shape[0])
+        self.expert_bytes = sum(getattr(first, n)[0].numel() * getattr(first, n).element_size() for n in self.names)
+        self.expert_bytes_total = self.expert_bytes * self.num_experts * self.num_layers
+        w = getattr(first, self.names[0])[0]
+        self._flops_per_token = 2.0 * sum(getattr(first, n)[0].numel() for n in self.names if not n.endswith("_bias"))
+        self.dense_bytes = dense_bytes
+        self.admissions_per_layer = admissions_per_layer
+        self.profile = profile
+
+        for i, m in enumerate(experts_modules):
+            m._moe_layer = i
+            m._moe_runtime = self
+
+        cpu_bw, cpu_flops = calibrate_cpu(w)
+        self.cost = CostModel(cpu_bw, cpu_flops, calibrate_cuda(w, self.device) if self.device.type == "cuda" else None)
+        self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._pending: list[tuple[Admission, torch.cuda.Event]] = []
+
+        self.telemetry = Telemetry(self.num_layers)
+        self.usage = np.zeros((self.num_layers, self.num_experts), dtype=np.int64)  # tokens per expert
+        self._step_lock = threading.Lock()  # held for a whole model forward
+        self._pending_lock = threading.Lock()  # guards the two pending changes below
+        self._pending_budget: int | None = None
+        self._pending_policy: str | None = None
+        self.step = 0
+        self.max_budget_bytes = self._max_budget()
+        self.policy_name = policy
+        self.policy = make_policy(policy, self.num_layers, self.num_experts, profile)
+        self.cache = ExpertCache(self.num_layers, self.num_experts, self.policy, 0, scope)
+        self.slots: dict[str, torch.Tensor] = {}
+        self.budget_bytes = 0
+        self._peak_fast = 0
+        self._apply_budget(min(resolve_budget(budget, self.expert_bytes_total), self.max_budget_bytes))
+        if profile is not None:
+            self._copy_in(self.cache.preload(np.asarray(profile, dtype=np.float64)), sync=True)
+
+        self._hooks = [
+            model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
+            model.register_forward_hook(self._post_forward, always_call=True),
+        ]
+
+    # -- public, thread-safe ---------------------------------------------------------------------
+    def set_budget(self, budget: int | float | str) -> int:
+        """Resize the cache; applied now when idle, else between two steps. Returns the new byte budget."""
+        nbytes = resolve_budget(budget, self.expert_bytes_total)
+        if nbytes > self.max_budget_bytes:
+            raise ValueError(
+                f"a cache of {nbytes / 2**20:.0f} MiB does not fit: this device can hold at most "
+                f"{self.max_budget_bytes / 2**20:.0f} MiB of experts"
+            )
+        with self._pending_lock:
+            self._pending_budget = nbytes
+        self._apply_pending_if_idle()
+        return nbytes
+
+    def set_policy(self, name: str) -> None:
+        make_policy(name, 1, 1)  # validates the name now, in the caller's thread
+        with self._pending_lock:
+            self._pending_policy = name
+        self._apply_pending_if_idle()
+
+    def reset_stats(self) -> None:
+        self.telemetry.reset()
+        self.usage[:] = 0
+
+    def snapshot(self) -> dict:
+        """Plain data for the GUI, the CLI and tests."""
+        t = self.telemetry
+        data = {
+            "device": str(self.device),
+            "logical": self.logical,
+            "policy": self.policy_name,
+            "scope": self.cache.scope,
+            "budget_bytes": self.budget_bytes,
+            "max_budget_bytes": self.max_budget_bytes,
+            "capacity_experts": self.cache.capacity,
+            "cached_experts": self.cache.cached_count(),
+            "expert_bytes": self.expert_bytes,
+            "expert_bytes_total": self.expert_bytes_total,
+            "num_moe_layers": self.num_layers,
+            "num_experts": self.num_experts,
+            **t.totals(),
+            "per_layer": t.per_layer(),
+        }
+        data.update(self.memory())
+        return data
+
+    def memory(self) -> dict:
+        cache_bytes = self.cache.capacity * self.expert_bytes
+        if self.device.type == "cuda":
+            used = torch.cuda.memory_allocated(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            total = torch.cuda.get_device_properties(self.device).total_memory
+        else:
+            used = self.dense_bytes + cache_bytes
+            self._peak_fast = peak = max(self._peak_fast, used)
+            total = psutil.virtual_memory().total
+        rss = rss_bytes()
+        return {
+            "cache_bytes": cache_bytes,
+            "fast_device_bytes": int(used),
+            "peak_fast_device_bytes": int(peak),
+            "device_total_bytes": int(total),
+            "rss_bytes": rss,
+            "peak_rss_bytes": max(rss, peak_rss_bytes()),
+        }
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        for m in self.modules:
+            m._moe_runtime = None
+        self.slots = {}
+
+    # -- step boundaries -------------------------------------------------------------------------
+    def _pre_forward(self, module, args, kwargs):
+        self._step_lock.acquire()
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        self._apply_pending()
+        self._land_copies(wait=False)
+        self.step += 1
+        self.telemetry.begin_step(int(ids.shape[1]) if ids is not None and ids.dim() >= 2 else 1)
+
+    def _post_forward(self, module, args, output):
+        try:
+            self.telemetry.end_step()
+        finally:
+            self._step_lock.release()
+
+    def _apply_pending_if_idle(self) -> None:
+        if self._step_lock.acquire(blocking=False):
+            try:
+                self._apply_pending()
+            finally:
+                self._step_lock.release()
+
+    def _apply_pending(self) -> None:
+        with self._pending_lock:
+            name, self._pending_policy = self._pending_policy, None
+            nbytes, self._pending_budget = self._pending_budget, None
+        if name is not None:
+            self.policy = make_policy(name, self.num_layers, self.num_experts, self.profile)
+            self.policy_name = name
+            self.cache.policy = self.policy
+        if nbytes is not None:
+            self._apply_budget(nbytes)
+
+    def _apply_budget(self, nbytes: int) -> None:
+        self._land_copies(wait=True)
+        capacity = nbytes // self.expert_bytes if self.expert_bytes else 0
+        moves = self.cache.resize(capacity, self.step)
+        self.budget_bytes = nbytes
+        if self.logical:
+            return
+        old = self.slots
+        self.slots = {
+            n: torch.empty((self.cache.capacity, *getattr(self.modules[0], n).shape[1:]),
+                           dtype=getattr(self.modules[0], n).dtype, device=self.device)
+            for n in self.names
+        }
+        if moves and old:
+            src = torch.tensor([a for a, _ in moves], device=self.device)
+            dst = torch.tensor([b for _, b in moves], device=self.device)
+            for n in self.names:
+                self.slots[n][dst] = old[n][src]
+        del old
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.memory()
+
+    def _max_budget(self) -> int:
+        if self.logical:
+            return self.expert_bytes_total
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            room = int(free * 0.85) - 2**30  # keep room for the KV cache and activations
+        else:
+            room = int(psutil.virtual_memory().available * 0.5)
+        return max(0, min(self.expert_bytes_total, (room // self.expert_bytes) * self.expert_bytes))
+
+    # -- copies ----------------------------------------------------------------------------------
+    def _copy_in(self, admissions: list[Admission], sync: bool) -> None:
+        """Copy admitted experts' weights into their slots (async on CUDA unless `sync`)."""
+        if self.logical or not admissions:
+            return
+        if self._side_stream is None or sync:
+            for a in admissions:
+                m = self.modules[a.layer]
+                for n in self.names:
+                    self.slots[n][a.slot].copy_(getattr(m, n)[a.expert], non_blocking=self._side_stream is not None)
+            return
+        stream = self._side_stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))  # slots being overwritten may still be read
+        with torch.cuda.stream(stream):
+            for a in admissions:
+                m = self.modules[a.layer]
+                for n in self.names:
+                    self.slots[n][a.slot].copy_(getattr(m, n)[a.expert], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
+                self._pending.append((a, event))
+
+    def _land_copies(self, wait: bool) -> None:
+        still = []
+        for a, event in self._pending:
+            if wait:
+                event.synchronize()
+            if event.query():
+                self.cache.commit(a.layer, a.expert, a.slot)
+            else:
+                still.append((a, event))
+        self._pending = still
+
+    # -- the experts forward -----------------------------------------------------------------------
+    def experts_forward(self, module, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        layer = module._moe_layer
+        tokens, top_k = top_k_index.shape
+        ids = top_k_index.reshape(-1)
+        ids_np = ids.cpu().numpy()
+        experts, inverse, counts = np.unique(ids_np, return_inverse=True, return_counts=True)
+        step = self.step
+        slots = self.cache.lookup(layer, experts).copy()
+        self.policy.record(layer, experts, counts, step)
+        self.usage[layer, experts] += counts
+        tel = self.telemetry
+        missed = slots < 0
+        fetched = np.zeros_like(missed)
+        if not self.logical and tokens > 1 and missed.any():
+            fetched = self._fetch_now(layer, experts, counts, slots, missed, step)
+            missed &= ~fetched
+
+        out = self._compute(module, hidden_states, ids, ids_np, slots[inverse], layer)
+
+        if module.has_post_expert_norm:
+            out = module.post_expert_norm(out)
+        out = out * top_k_weights.reshape(-1, 1)
+        final = out.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+        pair_missed = missed[inverse]
+        pair_fetched = fetched[inverse]
+        n_miss = int(pair_missed.sum())
+        n_fetch = int(pair_fetched.sum())
+        tel.counts["hits"][layer] += ids_np.size - n_miss - n_fetch
+        tel.counts["misses"][layer] += n_miss
+        tel.counts["fetches"][layer] += n_fetch
+        if missed.any():
+            limit = self.admissions_per_layer or top_k
+            admitted = self.cache.admit(layer, experts[missed], step, limit, reserve=self._side_stream is not None)
+            self._copy_in(admitted, sync=False)
+            self._count_admissions(layer, admitted)
+        return final
+
+    def _fetch_now(self, layer, experts, counts, slots, missed, step) -> np.ndarray:
+        """Prefill: copy experts with enough tokens to make a copy cheaper than the CPU, then use them."""
+        want = np.array([
+            bool(m) and self.cost.should_fetch(self.expert_bytes, int(c), self._flops_per_token)
+            for m, c in zip(missed, counts)
+        ])
+        fetched = np.zeros_like(missed)
+        if not want.any():
+            return fetched
+        admitted = self.cache.admit(layer, experts[want], step, limit=int(want.sum()))
+        self._copy_in(admitted, sync=True)
+        self._count_admissions(layer, admitted)
+        index = {e: i for i, e in enumerate(experts.tolist())}
+        for a in admitted:
+            slots[index[a.expert]] = a.slot
+            fetched[index[a.expert]] = True
+        return fetched
+
+    def _count_admissions(self, layer: int, admitted: list[Admission]) -> None:
+        tel = self.telemetry
+        tel.counts["evictions"][layer] += sum(a.evicted is not None for a in admitted)
+        tel.counts["bytes_copied"][layer] += len(admitted) * self.expert_bytes
+
+    def _compute(self, module, hidden_states, ids, ids_np, pair_slots, layer) -> torch.Tensor:
+        """Per (token, expert) pair outputs, before routing weights, in the original pair order."""
+        top_k = ids.numel() // hidden_states.shape[0]
+        tel = self.telemetry
+        t0 = time.perf_counter()
+        own = {n: getattr(module, n) for n in self.names}
+        if self.logical:
+            order = torch.from_numpy(np.argsort(ids_np, kind="stable"))
+            rows = expert_ffn(module, hidden_states[order // top_k], ids[order], self.num_experts, own)
+            out = torch.empty_like(rows)
+            out[order] = rows
+            tel.times["cpu_time_s"][layer] += time.perf_counter() - t0
+            return out
+
+        hit = pair_slots >= 0
+        out = None
+        if hit.any():
+            pairs = np.nonzero(hit)[0]
+            pairs = pairs[np.argsort(pair_slots[pairs], kind="stable")]
+            idx = torch.from_numpy(pairs).to(self.device)
+            group = torch.from_numpy(pair_slots[pairs]).to(self.device)
+            rows = expert_ffn(module, hidden_states[idx // top_k], group, self.cache.capacity, self.slots)
+            out = torch.empty((ids.numel(), rows.shape[-1]), dtype=rows.dtype, device=self.device)
+            out[idx] = rows
+        t1 = time.perf_counter()
+        tel.times["device_time_s"][layer] += t1 - t0
+        if not hit.all():
+            pairs = np.nonzero(~hit)[0]
+            pairs = pairs[np.argsort(ids_np[pairs], kind="stable")]
+            idx = torch.from_numpy(pairs)
+            h_cpu = hidden_states.to("cpu")
+            group = torch.from_numpy(ids_np[pairs])
+            rows = expert_ffn(module, h_cpu[idx // top_k], group, self.num_experts, own)
+            if out is None:
+                out = torch.empty((ids.numel(), rows.shape[-1]), dtype=rows.dtype, device=self.device)
+            out[idx.to(self.device)] = rows.to(self.device, non_blocking=True)
+            tel.times["cpu_time_s"][layer] += time.perf_counter() - t1
+        return out

@@ -1,0 +1,219 @@
+"""A conversation with a loaded model: chat template, sampling, streaming, stop, KV cache reuse.
+
+`generate` and `chat` are iterators of TokenEvents. They check the cancel event before every model
+step, so a stop takes effect within one token; the KV cache is kept so the next turn only has to
+prefill what is new.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .errors import EngineError
+from .loader import LoadedModel
+from .sampling import GenerationParams, choose_token
+
+__all__ = ["GenerationParams", "Session", "TokenEvent"]
+
+PREFILL_CHUNK = 512  # prompt tokens per forward: bounds memory and lets a stop land during a long prefill
+
+
+@dataclass
+class TokenEvent:
+    token_id: int
+    text: str  # the new text this token completes; never half a UTF-8 character
+
+
+class _Detokenizer:
+    """Incremental decoding that waits while a token ends inside a multi-byte character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def add(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return ""
+        self.ids.append(token_id)
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        before = decode(self.ids[self.prefix:self.read])
+        after = decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+
+class _StopFilter:
+    """Holds back text that might be the start of a stop string; cuts the reply at one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        self.text += piece
+        for s in self.stops:
+            i = self.text.find(s, max(0, self.sent - len(s)))
+            if i >= 0:
+                self.stopped = True
+                out, self.sent = self.text[self.sent:i], i
+                return out
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        end = max(self.sent, len(self.text) - hold)
+        out, self.sent = self.text[self.sent:end], end
+        return out
+
+    def flush(self) -> str:
+        out, self.sent = self.text[self.sent:], len(self.text)
+        return "" if self.stopped else out
+
+
+class Session:
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.device
+        self._kv = None
+        self._kv_ids: list[int] = []  # the tokens whose keys and values are in self._kv
+        self.last_stats: dict = {}
+        # transformers renamed `past_key_values` to `cache` during v5; the cache object is updated in place
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        text_config = self.model.config.get_text_config()
+        self._sliding = bool(getattr(text_config, "sliding_window", None)) and any(
+            "sliding" in t for t in (getattr(text_config, "layer_types", None) or ["sliding"]))
+        gen = getattr(self.model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None)
+        eos = eos if isinstance(eos, list) else [eos]
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.append(self.tokenizer.eos_token_id)
+        self.eos_ids = {e for e in eos if e is not None}
+
+    def reset(self) -> None:
+        self._kv = None
+        self._kv_ids = []
+
+    # -- prompts ---------------------------------------------------------------------------------
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        if self.tokenizer is None:
+            raise EngineError("this model folder has no tokenizer: chat needs one (use token ids instead)")
+        if getattr(self.tokenizer, "chat_template", None):
+            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+            return list(ids)
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+        return self.tokenizer.encode(text)
+
+    def chat(self, messages: list[dict], params: GenerationParams,
+             cancel: threading.Event | None = None) -> Iterator[TokenEvent]:
+        return self.generate(self.encode_chat(messages), params, cancel)
+
+    # -- generation ------------------------------------------------------------------------------
+    def _reuse_kv(self, prompt: list[int]) -> int:
+        """How many prompt tokens the kept KV cache already covers (at least one token is always fed)."""
+        n = 0
+        limit = min(len(self._kv_ids), len(prompt) - 1)
+        while n < limit and self._kv_ids[n] == prompt[n]:
+            n += 1
+        if self._kv is None or n == 0:
+            self.reset()
+            return 0
+        if n < len(self._kv_ids):
+            if self._sliding:  # a cut-back sliding window would have lost tokens it needs again
+                self.reset()
+                return 0
+            self._kv.crop(n - len(self._kv_ids))  # negative: remove that many tokens from the end
+            self._kv_ids = self._kv_ids[:n]
+        return n
+
+    @torch.inference_mode()
+    def _forward(self, ids: list[int]) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        if self._kv is None:
+            self._kv = DynamicCache(config=self.model.config)
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: self._kv})
+        self._kv_ids.extend(ids)
+        return out.logits[0, -1].float().cpu()
+
+    def generate(self, prompt: str | list[int], params: GenerationParams,
+                 cancel: threading.Event | None = None) -> Iterator[TokenEvent]:
+        """Stream the reply to `prompt` (text or token ids); `self.last_stats` is set when it ends."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise EngineError("this model folder has no tokenizer: give token ids instead of text")
+            prompt = self.tokenizer.encode(prompt)
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise EngineError("the prompt is empty")
+        return self._generate(prompt, params, cancel or threading.Event())
+
+    def _generate(self, prompt: list[int], params: GenerationParams, cancel: threading.Event):
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator().manual_seed(params.seed)
+        detok = _Detokenizer(self.tokenizer)
+        stops = _StopFilter(params.stop)
+        stats = {"finish_reason": "length", "prompt_tokens": len(prompt), "new_tokens": 0,
+                 "reused_prompt_tokens": 0, "prefill_tokens_per_s": 0.0, "decode_tokens_per_s": 0.0,
+                 "time_to_first_token_s": 0.0}
+        self.last_stats = stats
+        t0 = time.perf_counter()
+        reused = self._reuse_kv(prompt)
+        stats["reused_prompt_tokens"] = reused
+        todo = prompt[reused:]
+        logits = None
+        for i in range(0, len(todo), PREFILL_CHUNK):
+            if cancel.is_set():
+                stats["finish_reason"] = "cancelled"
+                return
+            logits = self._forward(todo[i:i + PREFILL_CHUNK])
+        t_prefill = time.perf_counter() - t0
+        stats["prefill_tokens_per_s"] = len(todo) / t_prefill if t_prefill > 0 else 0.0
+        seen = torch.tensor(prompt, dtype=torch.long)
+        new: list[int] = []
+        t_decode = time.perf_counter()
+        while True:
+            token = choose_token(logits, params, seen, generator)
+            if not new:
+                stats["time_to_first_token_s"] = time.perf_counter() - t0
+            new.append(token)
+            stats["new_tokens"] = len(new)
+            reason = None
+            text = ""
+            if token in self.eos_ids:
+                reason = "eos"
+            else:
+                text = stops.feed(detok.add(token))
+                if stops.stopped:
+                    reason = "stop"
+                elif len(new) >= params.max_new_tokens:
+                    reason = "length"
+                elif cancel.is_set():
+                    reason = "cancelled"
+            if reason is not None:
+                stats["finish_reason"] = reason
+                yield TokenEvent(token, text + stops.flush())
+                return
+            yield TokenEvent(token, text)
+            seen = torch.cat([seen, torch.tensor([token])])
+            logits = self._forward([token])
+            stats["decode_tokens_per_s"] = (len(new)) / (time.perf_counter() - t_decode)

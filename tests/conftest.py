@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny checkpoints built once per test session, user data kept in a temp folder."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+# Tiny models gain nothing from threads, and idle-spinning threads on a busy 2-core machine cost a lot.
+os.environ.setdefault("MOE_CHAT_THREADS", "1")
+torch.set_num_threads(1)
+
+from tiny_models import make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """make(arch, **kwargs) -> folder; each distinct model is built once."""
+    built: dict[tuple, Path] = {}
+
+    def make(arch: str = "qwen3_moe", **kwargs) -> Path:
+        key = (arch, tuple(sorted(kwargs.items())))
+        if key not in built:
+            built[key] = make_tiny_model(tmp_path_factory.mktemp(arch), arch, **kwargs)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_factory) -> Path:
+    return tiny_model_factory("qwen3_moe")
+
+
+@pytest.fixture(autouse=True)
+def _user_data(tmp_path, monkeypatch):
+    """Profiles and other user data go to a fresh temp folder, never the real home."""
+    monkeypatch.setenv("MOE_CHAT_DATA", str(tmp_path / "user-data"))

@@ -1,0 +1,91 @@
+"""The runtime's live controls and counters: budget changes, refusals, fetches, telemetry."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from engine import GenerationParams, Session, load_model
+from engine.cost_model import CostModel, DeviceProfile
+from engine.profiling import load_profile, save_profile
+
+GREEDY = GenerationParams(max_new_tokens=8, greedy=True, repetition_penalty=1.0)
+
+
+def test_budget_forms_and_refusal(tiny_model):
+    rt = load_model(tiny_model, device="cpu", budget="0", profile=None).runtime
+    assert rt.budget_bytes == 0 and rt.cache.capacity == 0
+    assert rt.set_budget(0.5) == rt.expert_bytes_total // 2
+    assert rt.set_budget(f"{rt.expert_bytes * 3}B") == rt.expert_bytes * 3 and rt.cache.capacity == 3
+    with pytest.raises(ValueError, match="does not fit"):
+        rt.set_budget(rt.max_budget_bytes + rt.expert_bytes)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        rt.set_budget(1.5)
+    with pytest.raises(ValueError):
+        rt.set_budget("lots")
+    assert rt.snapshot()["budget_bytes"] == rt.expert_bytes * 3
+
+
+def test_budget_set_from_another_thread_lands_between_steps(tiny_model):
+    loaded = load_model(tiny_model, device="cpu", budget=0, profile=None)
+    rt, session = loaded.runtime, Session(loaded)
+    session.eos_ids = set()
+    capacities = []
+    for i, _ in enumerate(session.generate("Hello", GenerationParams(max_new_tokens=10, greedy=True))):
+        if i == 2:
+            t = threading.Thread(target=rt.set_budget, args=(1.0,))
+            t.start()
+            t.join()
+        capacities.append(rt.cache.capacity)
+    assert capacities[0] == 0 and capacities[-1] == rt.num_layers * rt.num_experts
+    assert rt.snapshot()["hits"] > 0
+
+
+def test_counters_add_up(tiny_model):
+    loaded = load_model(tiny_model, device="cpu", budget=0.5, profile=None)
+    session = Session(loaded)
+    session.eos_ids = set()
+    list(session.generate([1, 2, 3, 4], GREEDY))
+    snap = loaded.runtime.snapshot()
+    pairs = (4 + 8 - 1) * 2  # tokens through the model x top-k
+    assert all(r["hits"] + r["misses"] + r["fetches"] == pairs for r in snap["per_layer"])
+    assert snap["hit_rate"] == pytest.approx(snap["hits"] / (pairs * 3))
+    assert snap["cached_experts"] <= snap["capacity_experts"] == 12
+    assert snap["logical"] is True and snap["peak_rss_bytes"] >= snap["rss_bytes"] > 0
+    assert snap["decode_tokens_per_s"] > 0 and snap["prefill_tokens_per_s"] > 0
+    assert snap["fast_device_bytes"] == loaded.info.dense_bytes + 12 * loaded.runtime.expert_bytes
+
+
+def test_prefill_fetches_when_the_cost_model_says_so(tiny_model):
+    """With real slots and a (modelled) fast bus, a long prompt copies experts instead of CPU work."""
+    loaded = load_model(tiny_model, device="cpu", budget=1.0, force_slots=True, profile=None)
+    rt = loaded.runtime
+    rt.cost = CostModel(cpu_bytes_per_s=1e9, cpu_flops_per_s=1e9,
+                        device=DeviceProfile("test bus", 1e12, 1e12, 1e15, 2**34))
+    session = Session(loaded)
+    session.eos_ids = set()
+    list(session.generate(list(range(5, 45)), GREEDY))
+    snap = rt.snapshot()
+    assert snap["fetches"] > 0
+    assert sum(r["bytes_copied"] for r in snap["per_layer"]) > 0
+
+
+def test_policy_switch_is_live(tiny_model):
+    rt = load_model(tiny_model, device="cpu", profile=None).runtime
+    rt.set_policy("lfu")
+    assert rt.snapshot()["policy"] == "lfu"
+    with pytest.raises(ValueError, match="choose one of"):
+        rt.set_policy("belady-in-real-life")
+
+
+def test_profile_warm_starts_the_cache(tiny_model):
+    loaded = load_model(tiny_model, device="cpu", budget=0.25, profile=None)
+    counts = np.zeros((3, 8))
+    counts[:, [6, 7]] = [10, 5]
+    path = save_profile(loaded.info, counts, tokens=10, prompts=1)
+    assert load_profile(loaded.info, "auto").tolist() == counts.tolist()
+    warm = load_model(tiny_model, device="cpu", budget=0.25, policy="static", profile="auto").runtime
+    assert sorted(warm.cache.resident_keys()) == [(l, e) for l in range(3) for e in (6, 7)]
+    assert path.exists()
