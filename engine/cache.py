@@ -36,6 +36,8 @@ class ExpertCache:
         self.slot_of = np.full((num_layers, num_experts), -1, dtype=np.int64)  # -1: not resident
         self.reserved = np.zeros((num_layers, num_experts), dtype=bool)  # admitted, copy still in flight
         self.key_of_slot: list[tuple[int, int] | None] = []
+        self.free: list[int] = []  # slot numbers not holding anything, lowest last
+        self.used = np.zeros(num_layers, dtype=np.int64)  # occupied places (resident or in flight) per layer
         self.capacity = 0
         self.resize(capacity, step=0)
 
@@ -43,9 +45,6 @@ class ExpertCache:
     def lookup(self, layer: int, experts: np.ndarray) -> np.ndarray:
         """Slot of each expert, -1 for a miss (an admission still in flight is a miss too)."""
         return self.slot_of[layer, experts]
-
-    def occupied(self) -> np.ndarray:
-        return (self.slot_of >= 0) | self.reserved
 
     def layer_capacity(self, layer: int) -> int:
         if self.scope == "pooled":
@@ -74,9 +73,19 @@ class ExpertCache:
         return (l, e) if np.isfinite(masked[l, e]) else None
 
     def _has_room(self, layer: int) -> bool:
-        occ = self.occupied()
-        used = occ[layer].sum() if self.scope == "per_layer" else occ.sum()
-        return used < self.layer_capacity(layer) and None in self.key_of_slot
+        used = self.used[layer] if self.scope == "per_layer" else self.used.sum()
+        return bool(self.free) and used < self.layer_capacity(layer)
+
+    def _take(self, layer: int, expert: int, slot: int | None, reserve: bool = False) -> int:
+        if slot is None:
+            slot = self.free.pop()
+        self.key_of_slot[slot] = (layer, expert)
+        self.used[layer] += 1
+        if reserve:
+            self.reserved[layer, expert] = True
+        else:
+            self.slot_of[layer, expert] = slot
+        return slot
 
     def admit(self, layer: int, experts: np.ndarray, step: int, limit: int,
               reserve: bool = False) -> list[Admission]:
@@ -96,7 +105,7 @@ class ExpertCache:
                 break
             if self.slot_of[layer, e] >= 0 or self.reserved[layer, e]:
                 continue
-            evicted = None
+            evicted = slot = None
             if not self._has_room(layer):
                 victim = self._victim(layer, prio)
                 if victim is None or prio[layer, e] <= prio[victim]:
@@ -104,13 +113,8 @@ class ExpertCache:
                 evicted = victim
                 slot = int(self.slot_of[victim])
                 self.slot_of[victim] = -1
-            else:
-                slot = self.key_of_slot.index(None)
-            self.key_of_slot[slot] = (layer, e)
-            if reserve:
-                self.reserved[layer, e] = True
-            else:
-                self.slot_of[layer, e] = slot
+                self.used[victim[0]] -= 1
+            slot = self._take(layer, e, slot, reserve)
             done.append(Admission(layer, e, slot, evicted))
         return done
 
@@ -129,10 +133,7 @@ class ExpertCache:
             if scores[layer, e] <= 0:
                 break
             if self.slot_of[layer, e] < 0 and self._has_room(layer):
-                slot = self.key_of_slot.index(None)
-                self.key_of_slot[slot] = (layer, e)
-                self.slot_of[layer, e] = slot
-                done.append(Admission(layer, e, slot, None))
+                done.append(Admission(layer, e, self._take(layer, e, None), None))
         return done
 
     def resize(self, capacity: int, step: int) -> list[tuple[int, int]]:
@@ -166,4 +167,6 @@ class ExpertCache:
             new_slot_of[layer, e] = new
             self.key_of_slot[new] = (int(layer), int(e))
         self.slot_of = new_slot_of
+        self.used = (new_slot_of >= 0).sum(axis=1)
+        self.free = list(range(capacity - 1, len(moves) - 1, -1))
         return moves

@@ -8,11 +8,14 @@ that names the file and says what to do.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import os
 import re
 import struct
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -345,8 +348,45 @@ class _ProgressLoop:
             yield item
 
 
+def _pread_safe_open(safe_open):
+    """Read weights with pread instead of mmap: pages of a mapped file would stay in our resident memory
+    next to the converted copies, doubling the RAM a load needs."""
+
+    def open_with_pread(file, framework, device="cpu", backend=None, **kwargs):
+        if device == "cpu":
+            backend = "pread"
+        return safe_open(file, framework=framework, device=device, backend=backend, **kwargs)
+
+    return open_with_pread
+
+
+@contextlib.contextmanager
+def _return_freed_memory():
+    """While loading, make glibc give freed large blocks straight back to the OS.
+
+    Converting checkpoints (e.g. per-expert tensors into one stacked tensor) frees as much as it
+    allocates; glibc's adaptive threshold would keep those blocks in its heap, and the peak resident
+    memory of a load would approach twice the model. Afterwards the threshold is set high again, so
+    activations of the running model are recycled without system calls.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+    except OSError:
+        libc = None
+    m_mmap_threshold = -3
+    if libc is not None:
+        libc.mallopt(m_mmap_threshold, 1 << 20)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.malloc_trim(0)
+            libc.mallopt(m_mmap_threshold, 32 << 20)
+
+
 def _from_pretrained(cls, path: Path, dtype, experts: bool, trust_remote_code: bool, progress, cancel):
     import transformers.core_model_loading as cml
+    import transformers.modeling_utils as mu
     from transformers.utils import logging as hf_logging
 
     # Mismatched shapes come back in the loading info (and are refused below) rather than as an opaque error.
@@ -355,11 +395,14 @@ def _from_pretrained(cls, path: Path, dtype, experts: bool, trust_remote_code: b
     if experts:
         kwargs["experts_implementation"] = EXPERTS_IMPLEMENTATION
     original = getattr(cml, "tqdm", None)
+    original_open = mu.safe_open
     cml.tqdm = _ProgressLoop(progress, cancel, 0.1, 0.85)
+    mu.safe_open = _pread_safe_open(original_open)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model, info = cls.from_pretrained(path, **kwargs)
+        with _return_freed_memory():
+            model, info = cls.from_pretrained(path, **kwargs)
     except (Cancelled, ModelError):
         raise
     except MemoryError:
@@ -368,6 +411,7 @@ def _from_pretrained(cls, path: Path, dtype, experts: bool, trust_remote_code: b
         raise ModelError(f"{path.name} could not be loaded: {type(e).__name__}: {e}") from None
     finally:
         cml.tqdm = original
+        mu.safe_open = original_open
         hf_logging.set_verbosity(verbosity)
     if info.get("mismatched_keys"):
         name, found, expected = sorted(info["mismatched_keys"])[0]

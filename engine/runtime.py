@@ -268,7 +268,10 @@ class HybridRuntime:
         tokens, top_k = top_k_index.shape
         ids = top_k_index.reshape(-1)
         ids_np = ids.cpu().numpy()
-        experts, inverse, counts = np.unique(ids_np, return_inverse=True, return_counts=True)
+        if tokens == 1:  # decode: top-k experts are distinct, no need to count them
+            experts, inverse, counts = ids_np, np.arange(top_k), np.ones(top_k, dtype=np.int64)
+        else:
+            experts, inverse, counts = np.unique(ids_np, return_inverse=True, return_counts=True)
         step = self.step
         slots = self.cache.lookup(layer, experts).copy()
         self.policy.record(layer, experts, counts, step)
@@ -287,10 +290,8 @@ class HybridRuntime:
         out = out * top_k_weights.reshape(-1, 1)
         final = out.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
-        pair_missed = missed[inverse]
-        pair_fetched = fetched[inverse]
-        n_miss = int(pair_missed.sum())
-        n_fetch = int(pair_fetched.sum())
+        n_miss = int(counts[missed].sum())
+        n_fetch = int(counts[fetched].sum())
         tel.counts["hits"][layer] += ids_np.size - n_miss - n_fetch
         tel.counts["misses"][layer] += n_miss
         tel.counts["fetches"][layer] += n_fetch

@@ -15,9 +15,13 @@ NEW = 16
 GREEDY = GenerationParams(max_new_tokens=NEW, greedy=True, repetition_penalty=1.0)
 
 
-def reference_tokens(path) -> list[int]:
-    model = AutoModelForCausalLM.from_pretrained(path)
-    out = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+
+
+def reference_tokens(path, device: str = "cpu") -> list[int]:
+    model = AutoModelForCausalLM.from_pretrained(path).to(device)
+    out = model.generate(torch.tensor([PROMPT], device=device), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
                          eos_token_id=None, pad_token_id=0)
     return out[0, len(PROMPT):].tolist()
 
@@ -34,13 +38,14 @@ def engine_tokens(session: Session, on_token=None) -> list[int]:
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("force_slots", [False, True], ids=["logical", "slots"])
-def test_same_greedy_tokens_as_transformers(tiny_model_factory, arch, force_slots):
+@pytest.mark.parametrize("device,force_slots", [
+    ("cpu", False), ("cpu", True), pytest.param("cuda", False, marks=needs_cuda)], ids=["logical", "slots", "cuda"])
+def test_same_greedy_tokens_as_transformers(tiny_model_factory, arch, device, force_slots):
     path = tiny_model_factory(arch)
-    expected = reference_tokens(path)
-    loaded = load_model(path, device="cpu", budget=0, force_slots=force_slots, profile=None)
+    expected = reference_tokens(path, device)
+    loaded = load_model(path, device=device, budget=0, force_slots=force_slots, profile=None)
     rt = loaded.runtime
-    assert rt is not None and rt.logical is not force_slots
+    assert rt is not None and rt.logical is (device == "cpu" and not force_slots)
     session = Session(loaded)
     for policy in POLICIES:
         rt.set_policy(policy)
@@ -57,11 +62,12 @@ def test_same_greedy_tokens_as_transformers(tiny_model_factory, arch, force_slot
                 assert snap["hits"] > 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "deepseek_v2"])
-def test_budget_changed_mid_generation(tiny_model_factory, arch):
+def test_budget_changed_mid_generation(tiny_model_factory, arch, device):
     path = tiny_model_factory(arch)
-    expected = reference_tokens(path)
-    loaded = load_model(path, device="cpu", budget=0.5, force_slots=True, profile=None)
+    expected = reference_tokens(path, device)
+    loaded = load_model(path, device=device, budget=0.5, force_slots=True, profile=None)
     rt = loaded.runtime
     budgets = [0, 1.0, 0.25, 0.75, 0.1, 0.6]
     sizes = []
