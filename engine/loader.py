@@ -429,18 +429,46 @@ def _from_pretrained(cls, path: Path, dtype, experts: bool, trust_remote_code: b
     return model
 
 
+def column_major(t: torch.Tensor) -> torch.Tensor:
+    """The same matrix (or stack of matrices), stored column by column.
+
+    For one token, a CPU matmul then streams the weights contiguously: measured about twice the
+    bandwidth of the row-major layout transformers loads (MKL and oneDNN, AMD and Intel alike).
+    """
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, pin_memory=True)
+    return out.copy_(t)
+
+
 def _place(model: torch.nn.Module, experts: list[torch.nn.Module], device: torch.device) -> None:
-    """Dense weights to the fast device; routed experts stay on the CPU (pinned for fast copies)."""
-    expert_params = {id(getattr(m, n)) for m in experts for n in expert_tensor_names(m)}
+    """Dense weights to the fast device; routed experts stay on the CPU (pinned for fast copies).
+
+    Matrices that the CPU will multiply by single tokens (all experts; dense layers too when the
+    fast device is the CPU) are stored column-major. Tied parameters stay tied.
+    """
+    owner = {id(getattr(m, n)): m for m in experts for n in expert_tensor_names(m)}
+    placed: dict[int, torch.nn.Parameter] = {}
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if p is None:
                 continue
-            if id(p) in expert_params:
-                if device.type == "cuda":
-                    module._parameters[name] = torch.nn.Parameter(p.data.pin_memory(), requires_grad=False)
-            elif p.device != device:
-                module._parameters[name] = torch.nn.Parameter(p.data.to(device), requires_grad=False)
+            if id(p) not in placed:
+                data = p.data
+                expert_module = owner.get(id(p))
+                if expert_module is not None:
+                    if data.dim() == 3 and not expert_module.is_transposed:
+                        data = column_major(data)
+                    if device.type == "cuda":
+                        data = _pinned(data)
+                else:
+                    data = data.to(device)
+                    if device.type == "cpu" and isinstance(module, torch.nn.Linear) and name == "weight":
+                        data = column_major(data)
+                placed[id(p)] = torch.nn.Parameter(data, requires_grad=False)
+            module._parameters[name] = placed[id(p)]
         for name, b in list(module._buffers.items()):
             if b is not None and b.device != device:
                 module._buffers[name] = b.to(device)

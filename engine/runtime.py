@@ -16,6 +16,7 @@ import torch
 
 from .cache import Admission, ExpertCache
 from .cost_model import CostModel, calibrate_cpu, calibrate_cuda
+from .errors import ModelError
 from .experts import expert_ffn, expert_tensor_names
 from .policies import make_policy
 from .telemetry import Telemetry, peak_rss_bytes, rss_bytes
@@ -44,7 +45,7 @@ class HybridRuntime:
         self.names = expert_tensor_names(experts_modules[0])
         shapes = {tuple((n, tuple(getattr(m, n).shape)) for n in self.names) for m in experts_modules}
         if len(shapes) != 1:
-            raise ValueError("the MoE layers of this model have experts of different shapes; not supported yet")
+            raise ModelError("the MoE layers of this model have experts of different shapes; not supported yet")
         first = experts_modules[0]
         self.num_layers = len(experts_modules)
         self.num_experts = int(getattr(first, self.names[0]).shape[0])
@@ -55,6 +56,7 @@ class HybridRuntime:
         self.dense_bytes = dense_bytes
         self.admissions_per_layer = admissions_per_layer
         self.profile = profile
+        self.recorder = None  # optional callable(layer, ids [tokens, top_k], weights [tokens, top_k]): routing traces
 
         for i, m in enumerate(experts_modules):
             m._moe_layer = i
@@ -107,6 +109,14 @@ class HybridRuntime:
         with self._pending_lock:
             self._pending_policy = name
         self._apply_pending_if_idle()
+
+    def shrink_after_oom(self) -> int:
+        """Halve the cache after the fast device ran out of memory (called between steps)."""
+        half = (self.cache.capacity // 2) * self.expert_bytes
+        self.max_budget_bytes = min(self.max_budget_bytes, half)
+        with self._step_lock:
+            self._apply_budget(half)
+        return half
 
     def reset_stats(self) -> None:
         self.telemetry.reset()
@@ -164,11 +174,15 @@ class HybridRuntime:
     # -- step boundaries -------------------------------------------------------------------------
     def _pre_forward(self, module, args, kwargs):
         self._step_lock.acquire()
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
-        self._apply_pending()
-        self._land_copies(wait=False)
+        try:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None:
+                ids = kwargs.get("inputs_embeds")
+            self._apply_pending()
+            self._land_copies(wait=False)
+        except BaseException:
+            self._step_lock.release()
+            raise
         self.step += 1
         self.telemetry.begin_step(int(ids.shape[1]) if ids is not None and ids.dim() >= 2 else 1)
 
@@ -204,11 +218,7 @@ class HybridRuntime:
         if self.logical:
             return
         old = self.slots
-        self.slots = {
-            n: torch.empty((self.cache.capacity, *getattr(self.modules[0], n).shape[1:]),
-                           dtype=getattr(self.modules[0], n).dtype, device=self.device)
-            for n in self.names
-        }
+        self.slots = {n: self._empty_slots(getattr(self.modules[0], n)) for n in self.names}
         if moves and old:
             src = torch.tensor([a for a, _ in moves], device=self.device)
             dst = torch.tensor([b for _, b in moves], device=self.device)
@@ -218,6 +228,13 @@ class HybridRuntime:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.memory()
+
+    def _empty_slots(self, weights: torch.Tensor) -> torch.Tensor:
+        """Slots laid out like the CPU copy, so that admitting an expert is one contiguous copy."""
+        shape = (self.cache.capacity, *weights.shape[1:])
+        if weights.dim() == 3 and weights.stride(-2) == 1:  # column-major matrices
+            return torch.empty((shape[0], shape[2], shape[1]), dtype=weights.dtype, device=self.device).transpose(1, 2)
+        return torch.empty(shape, dtype=weights.dtype, device=self.device)
 
     def _max_budget(self) -> int:
         if self.logical:
@@ -268,6 +285,8 @@ class HybridRuntime:
         tokens, top_k = top_k_index.shape
         ids = top_k_index.reshape(-1)
         ids_np = ids.cpu().numpy()
+        if self.recorder is not None:
+            self.recorder(layer, ids_np.reshape(tokens, top_k), top_k_weights.detach().float().cpu().numpy())
         if tokens == 1:  # decode: top-k experts are distinct, no need to count them
             experts, inverse, counts = ids_np, np.arange(top_k), np.ones(top_k, dtype=np.int64)
         else:

@@ -8,6 +8,7 @@ prefill what is new.
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from .sampling import GenerationParams, choose_token
 
 __all__ = ["GenerationParams", "Session", "TokenEvent"]
 
+log = logging.getLogger(__name__)
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds memory and lets a stop land during a long prefill
 
 
@@ -143,8 +145,29 @@ class Session:
             self._kv_ids = self._kv_ids[:n]
         return n
 
-    @torch.inference_mode()
     def _forward(self, ids: list[int]) -> torch.Tensor:
+        """One model step; when the fast device runs out of memory, halve the cache and redo the step
+        on a fresh KV cache, so the reply goes on instead of being lost."""
+        try:
+            return self._step(ids)
+        except torch.OutOfMemoryError:
+            runtime = self.loaded.runtime
+            if runtime is None or runtime.cache.capacity == 0:
+                self.reset()
+                raise EngineError("the GPU ran out of memory; pick a smaller model or run on the CPU") from None
+            history = self._kv_ids + ids
+            self.reset()
+            freed = runtime.shrink_after_oom()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            log.warning("the GPU ran out of memory: cache budget lowered to %d MiB, step repeated", freed >> 20)
+            logits = None
+            for i in range(0, len(history), PREFILL_CHUNK):
+                logits = self._step(history[i:i + PREFILL_CHUNK])
+            return logits
+
+    @torch.inference_mode()
+    def _step(self, ids: list[int]) -> torch.Tensor:
         from transformers import DynamicCache
 
         if self._kv is None:

@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from engine import GenerationParams, Session, load_model
 from engine.cost_model import CostModel, DeviceProfile
@@ -89,3 +90,29 @@ def test_profile_warm_starts_the_cache(tiny_model):
     warm = load_model(tiny_model, device="cpu", budget=0.25, policy="static", profile="auto").runtime
     assert sorted(warm.cache.resident_keys()) == [(l, e) for l in range(3) for e in (6, 7)]
     assert path.exists()
+
+
+def test_out_of_memory_mid_reply_halves_the_cache_and_the_reply_goes_on(tiny_model, monkeypatch):
+    loaded = load_model(tiny_model, device="cpu", budget=1.0, force_slots=True, profile=None)
+    session = Session(loaded)
+    session.eos_ids = set()
+    params = GenerationParams(max_new_tokens=10, greedy=True, repetition_penalty=1.0)
+    expected = [e.token_id for e in session.generate([1, 2, 3, 4], params)]
+    session.reset()
+    rt = loaded.runtime
+    real = rt._compute
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 12:  # in the middle of a decode step
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rt, "_compute", flaky)
+    before = rt.cache.capacity
+    assert [e.token_id for e in session.generate([1, 2, 3, 4], params)] == expected
+    assert rt.cache.capacity == before // 2 and rt.max_budget_bytes == rt.budget_bytes
+    # the lock taken for the failed step was released: budget changes still land at once
+    rt.set_budget(0)
+    assert rt.cache.capacity == 0
