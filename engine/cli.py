@@ -10,6 +10,7 @@ import sys
 import threading
 
 from .errors import EngineError
+from .cost_model import DEVICE_PROFILES
 from .policies import POLICIES
 
 log = logging.getLogger("engine")
@@ -227,10 +228,22 @@ def cmd_profile(args) -> dict:
 
 
 def cmd_bench(args) -> dict:
+    log_err = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if args.suite == "seed":
+        from .seed_bench import format_table, run_seed_suite, save_chart
+
+        budget = float(args.budget)
+        result = run_seed_suite(args.model, budget=budget, policies=tuple(args.policies.split(",")),
+                                device_profile=args.device_profile, new_tokens=args.max_new_tokens, log=log_err)
+        result["chart"] = args.chart if save_chart(result, args.chart) else None
+        if result["chart"] is None:
+            log_err("matplotlib is not installed: no chart (pip install matplotlib)")
+        print(format_table(result), file=sys.stderr if args.json else sys.stdout)
+        return result
     from .bench import run_bench
 
     result = run_bench(args.model, budget=args.budget, policy=args.policy, new_tokens=args.max_new_tokens,
-                       rounds=args.rounds, threads=args.threads, log=lambda m: print(m, file=sys.stderr))
+                       rounds=args.rounds, threads=args.threads, log=log_err)
     if not args.json:
         for name, rate in result["decode_tokens_per_s"].items():
             print(f"{name:>26}: {rate:8.1f} tok/s")
@@ -278,9 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     sampling(p, 48)
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("bench", help="decode tokens/s of the engine vs stock transformers on the CPU")
+    p = sub.add_parser("bench", help="decode: engine vs stock transformers on the CPU; seed: the paper's four configurations")
     _add_model_args(p)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--suite", default="decode", choices=["decode", "seed"])
+    p.add_argument("--rounds", type=int, default=3, help="decode suite: measured rounds (best is kept)")
+    p.add_argument("--policies", default="lru", help="seed suite: comma-separated hybrid policies (e.g. lru,lfu)")
+    p.add_argument("--device-profile", default="rtx3060-12gb", choices=sorted(DEVICE_PROFILES),
+                   help="seed suite without a GPU: the GPU to model")
+    p.add_argument("--chart", default="seed-bench.png", help="seed suite: where to save the PNG chart")
     sampling(p, 64)
     p.set_defaults(func=cmd_bench)
     return parser

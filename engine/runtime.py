@@ -56,6 +56,7 @@ class HybridRuntime:
         self.dense_bytes = dense_bytes
         self.admissions_per_layer = admissions_per_layer
         self.profile = profile
+        self.miss_path = "cpu"  # "copy": offload baseline, misses copied to the device for one step, no cache
         self.recorder = None  # optional callable(layer, ids [tokens, top_k], weights [tokens, top_k]): routing traces
 
         for i, m in enumerate(experts_modules):
@@ -344,6 +345,20 @@ class HybridRuntime:
         tel.counts["evictions"][layer] += sum(a.evicted is not None for a in admitted)
         tel.counts["bytes_copied"][layer] += len(admitted) * self.expert_bytes
 
+    def _offload(self, module, hidden_states, top_k, pair_experts, idx, out, layer, t0) -> torch.Tensor:
+        """The offload baseline of the seed paper: copy each missed expert in, use it once, drop it."""
+        experts = np.unique(pair_experts)
+        scratch = {n: getattr(module, n)[torch.from_numpy(experts)].to(self.device) for n in self.names}
+        group = torch.from_numpy(np.searchsorted(experts, pair_experts)).to(self.device)
+        idx = idx.to(self.device)
+        rows = expert_ffn(module, hidden_states[idx // top_k], group, len(experts), scratch)
+        if out is None:
+            out = torch.empty((hidden_states.shape[0] * top_k, rows.shape[-1]), dtype=rows.dtype, device=self.device)
+        out[idx] = rows
+        self.telemetry.counts["bytes_copied"][layer] += len(experts) * self.expert_bytes
+        self.telemetry.times["device_time_s"][layer] += time.perf_counter() - t0
+        return out
+
     def _compute(self, module, hidden_states, ids, ids_np, pair_slots, layer) -> torch.Tensor:
         """Per (token, expert) pair outputs, before routing weights, in the original pair order."""
         top_k = ids.numel() // hidden_states.shape[0]
@@ -374,6 +389,8 @@ class HybridRuntime:
             pairs = np.nonzero(~hit)[0]
             pairs = pairs[np.argsort(ids_np[pairs], kind="stable")]
             idx = torch.from_numpy(pairs)
+            if self.miss_path == "copy":
+                return self._offload(module, hidden_states, top_k, ids_np[pairs], idx, out, layer, t1)
             h_cpu = hidden_states.to("cpu")
             group = torch.from_numpy(ids_np[pairs])
             rows = expert_ffn(module, h_cpu[idx // top_k], group, self.num_experts, own)
