@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .experts import expert_ffn
 from .loader import LoadedModel, inspect_model, load_model
 from .session import GenerationParams, Session
 
@@ -55,6 +56,35 @@ def decode_rate(session: Session, prompt: list[int], new_tokens: int) -> tuple[f
     return (len(ids) - 1) / (time.perf_counter() - t), ids
 
 
+def memory_read_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Bytes/s of a large tensor reduction: what this machine's memory delivers to torch."""
+    big = torch.ones(nbytes // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        big.sum()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best
+
+
+def miss_path_bandwidth(loaded: LoadedModel, tokens: int = 40) -> float:
+    """Expert bytes read per second by the CPU miss path for decode tokens (random routing, every layer)."""
+    rt = loaded.runtime
+    g = torch.Generator().manual_seed(0)
+    top_k = loaded.info.top_k
+    hidden = loaded.model.config.get_text_config().hidden_size
+    steps = [[torch.randperm(rt.num_experts, generator=g)[:top_k].sort().values for _ in rt.modules] for _ in range(tokens)]
+    x = torch.randn(top_k, hidden, dtype=getattr(rt.modules[0], rt.names[0]).dtype)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for step in steps:
+            for module, ids in zip(rt.modules, step):
+                expert_ffn(module, x, ids, rt.num_experts, {n: getattr(module, n) for n in rt.names})
+        best = min(best, time.perf_counter() - t)
+    return tokens * len(rt.modules) * top_k * rt.expert_bytes / best
+
+
 def run_bench(model: str | None, *, budget="0.25", policy="lru", new_tokens=64, rounds=3,
               prompt_len=32, threads: int | None = None, log=print) -> dict:
     tmp = None
@@ -80,6 +110,7 @@ def run_bench(model: str | None, *, budget="0.25", policy="lru", new_tokens=64, 
                 best[name] = max(best[name], rate)
         log(f"round {r}: " + ", ".join(f"{n} {best[n]:.1f} tok/s" for n in contenders) if r else "warm-up done")
     baseline = max(v for k, v in best.items() if k != "engine")
+    miss_bw, mem_bw = miss_path_bandwidth(engine), memory_read_bandwidth()
     snap = engine.runtime.snapshot() if engine.runtime else {}
     result = {
         "model": engine.info.name,
@@ -91,6 +122,9 @@ def run_bench(model: str | None, *, budget="0.25", policy="lru", new_tokens=64, 
         "ratio_vs_best_stock": best["engine"] / baseline if baseline else 0.0,
         "same_tokens": all(t == tokens["engine"] for t in tokens.values()),
         "hit_rate": snap.get("hit_rate", 0.0),
+        "miss_path_bytes_per_s": miss_bw,
+        "memory_read_bytes_per_s": mem_bw,
+        "miss_path_bandwidth_share": miss_bw / mem_bw,
     }
     if tmp is not None:
         tmp.cleanup()

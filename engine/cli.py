@@ -248,6 +248,9 @@ def cmd_bench(args) -> dict:
         for name, rate in result["decode_tokens_per_s"].items():
             print(f"{name:>26}: {rate:8.1f} tok/s")
         print(f"{'engine / best stock':>26}: {result['ratio_vs_best_stock']:8.2f}x  (same tokens: {result['same_tokens']})")
+        print(f"{'CPU miss path':>26}: {result['miss_path_bytes_per_s'] / 1e9:8.1f} GB/s = "
+              f"{result['miss_path_bandwidth_share']:.0%} of memory read bandwidth "
+              f"({result['memory_read_bytes_per_s'] / 1e9:.1f} GB/s, {result['threads']} threads)")
     return result
 
 

@@ -47,3 +47,13 @@ def test_seed_suite_cli_json(tiny_model, capsys, tmp_path):
 
     out = json.loads(capsys.readouterr().out)
     assert {"rows", "sweep", "device", "model", "chart"} <= set(out)
+
+
+def test_decode_bench_json(tiny_model, capsys):
+    assert main(["bench", "--model", str(tiny_model), "--rounds", "1", "--max-new-tokens", "4", "--json"]) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["decode_tokens_per_s"]) == {"engine", "transformers[grouped_mm]", "transformers[eager]"}
+    assert out["same_tokens"] is True and out["ratio_vs_best_stock"] > 0
+    assert 0 < out["miss_path_bandwidth_share"] and out["memory_read_bytes_per_s"] > 0
