@@ -73,14 +73,15 @@ def miss_path_bandwidth(loaded: LoadedModel, tokens: int = 40) -> float:
     g = torch.Generator().manual_seed(0)
     top_k = loaded.info.top_k
     hidden = loaded.model.config.get_text_config().hidden_size
-    steps = [[torch.randperm(rt.num_experts, generator=g)[:top_k].sort().values for _ in rt.modules] for _ in range(tokens)]
+    steps = [[torch.randperm(rt.num_experts, generator=g)[:top_k].sort().values.numpy() for _ in rt.modules]
+             for _ in range(tokens)]
     x = torch.randn(top_k, hidden, dtype=getattr(rt.modules[0], rt.names[0]).dtype)
     best = float("inf")
     for _ in range(3):
         t = time.perf_counter()
         for step in steps:
             for module, ids in zip(rt.modules, step):
-                expert_ffn(module, x, ids, rt.num_experts, {n: getattr(module, n) for n in rt.names})
+                expert_ffn(module, x, ids, {n: getattr(module, n) for n in rt.names})
         best = min(best, time.perf_counter() - t)
     return tokens * len(rt.modules) * top_k * rt.expert_bytes / best
 

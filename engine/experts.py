@@ -8,7 +8,9 @@ Everything here reads only what the decorator declares, so one implementation se
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface, _grouped_linear, grouped_mm_experts_forward
 
 EXPERTS_IMPLEMENTATION = "moe_chat_hybrid"
@@ -27,26 +29,34 @@ def expert_tensor_names(module: torch.nn.Module) -> list[str]:
     return names
 
 
-def expert_ffn(
-    module: torch.nn.Module,
-    x: torch.Tensor,
-    group_ids: torch.Tensor,
-    num_groups: int,
-    tensors: dict[str, torch.Tensor],
-) -> torch.Tensor:
-    """Run rows of `x`, sorted by group, through the experts stored in `tensors` (grouped matmuls).
+# torch >= 2.11 has a CPU grouped_mm kernel that needs no alignment: call it directly, skipping the
+# per-call capability checks of transformers' wrapper (they cost more than a small expert's matmul).
+_DIRECT_CPU_GROUPED_MM = hasattr(F, "grouped_mm") and tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 11)
+
+
+def _grouped_linear_fast(x, weight, offsets, bias, is_transposed: bool) -> torch.Tensor:
+    if x.device.type == "cpu" and _DIRECT_CPU_GROUPED_MM:
+        out = F.grouped_mm(x.to(weight.dtype), weight if is_transposed else weight.transpose(-2, -1), offs=offsets)
+        return out if bias is None else out.add_(bias)
+    return _grouped_linear(x, weight, offsets, bias=bias, is_transposed=is_transposed)
+
+
+def expert_ffn(module: torch.nn.Module, x: torch.Tensor, groups: np.ndarray, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Run the rows of `x` through the experts stored in `tensors`; `groups` (sorted) says which.
 
     `tensors` holds either a module's own stacked weights (groups = experts) or cache slots
     (groups = slots): the same code computes hits and misses, so the two give identical numbers.
     """
-    counts = torch.bincount(group_ids, minlength=num_groups)
-    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     first = "gate_up_proj" if module.has_gate else "up_proj"
-    bias = tensors[first + "_bias"][group_ids] if module.has_bias else None
-    h = _grouped_linear(x, tensors[first], offsets, bias=bias, is_transposed=module.is_transposed)
+    w1, w2 = tensors[first], tensors["down_proj"]
+    counts = np.bincount(groups, minlength=w1.shape[0])
+    offsets = torch.from_numpy(np.cumsum(counts, dtype=np.int32)).to(w1.device)
+    rows = torch.from_numpy(groups).to(w1.device) if module.has_bias else None
+    h = _grouped_linear_fast(x, w1, offsets, tensors[first + "_bias"][rows] if rows is not None else None,
+                             module.is_transposed)
     h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
-    bias = tensors["down_proj_bias"][group_ids] if module.has_bias else None
-    return _grouped_linear(h, tensors["down_proj"], offsets, bias=bias, is_transposed=module.is_transposed)
+    return _grouped_linear_fast(h, w2, offsets, tensors["down_proj_bias"][rows] if rows is not None else None,
+                                module.is_transposed)
 
 
 def hybrid_experts_forward(

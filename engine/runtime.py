@@ -284,8 +284,7 @@ class HybridRuntime:
     def experts_forward(self, module, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         layer = module._moe_layer
         tokens, top_k = top_k_index.shape
-        ids = top_k_index.reshape(-1)
-        ids_np = ids.cpu().numpy()
+        ids_np = top_k_index.reshape(-1).cpu().numpy()
         if self.recorder is not None:
             self.recorder(layer, ids_np.reshape(tokens, top_k), top_k_weights.detach().float().cpu().numpy())
         if tokens == 1:  # decode: top-k experts are distinct, no need to count them
@@ -303,7 +302,7 @@ class HybridRuntime:
             fetched = self._fetch_now(layer, experts, counts, slots, missed, step)
             missed &= ~fetched
 
-        out = self._compute(module, hidden_states, ids, ids_np, slots[inverse], layer)
+        out = self._compute(module, hidden_states, ids_np, slots[inverse], layer)
 
         if module.has_post_expert_norm:
             out = module.post_expert_norm(out)
@@ -345,57 +344,51 @@ class HybridRuntime:
         tel.counts["evictions"][layer] += sum(a.evicted is not None for a in admitted)
         tel.counts["bytes_copied"][layer] += len(admitted) * self.expert_bytes
 
-    def _offload(self, module, hidden_states, top_k, pair_experts, idx, out, layer, t0) -> torch.Tensor:
-        """The offload baseline of the seed paper: copy each missed expert in, use it once, drop it."""
-        experts = np.unique(pair_experts)
-        scratch = {n: getattr(module, n)[torch.from_numpy(experts)].to(self.device) for n in self.names}
-        group = torch.from_numpy(np.searchsorted(experts, pair_experts)).to(self.device)
-        idx = idx.to(self.device)
-        rows = expert_ffn(module, hidden_states[idx // top_k], group, len(experts), scratch)
-        if out is None:
-            out = torch.empty((hidden_states.shape[0] * top_k, rows.shape[-1]), dtype=rows.dtype, device=self.device)
-        out[idx] = rows
-        self.telemetry.counts["bytes_copied"][layer] += len(experts) * self.expert_bytes
-        self.telemetry.times["device_time_s"][layer] += time.perf_counter() - t0
-        return out
+    def _rows(self, module, hidden_states, top_k: int, pairs: np.ndarray, groups: np.ndarray, tensors) -> torch.Tensor:
+        """Expert outputs of the (token, expert) `pairs`, which are sorted by their `groups`."""
+        x = hidden_states[torch.from_numpy(pairs // top_k).to(hidden_states.device)]
+        return expert_ffn(module, x, groups, tensors)
 
-    def _compute(self, module, hidden_states, ids, ids_np, pair_slots, layer) -> torch.Tensor:
+    def _compute(self, module, hidden_states, ids_np: np.ndarray, pair_slots: np.ndarray, layer: int) -> torch.Tensor:
         """Per (token, expert) pair outputs, before routing weights, in the original pair order."""
-        top_k = ids.numel() // hidden_states.shape[0]
-        tel = self.telemetry
-        t0 = time.perf_counter()
+        top_k = ids_np.size // hidden_states.shape[0]
+        times = self.telemetry.times
         own = {n: getattr(module, n) for n in self.names}
-        if self.logical:
-            order = torch.from_numpy(np.argsort(ids_np, kind="stable"))
-            rows = expert_ffn(module, hidden_states[order // top_k], ids[order], self.num_experts, own)
-            out = torch.empty_like(rows)
-            out[order] = rows
-            tel.times["cpu_time_s"][layer] += time.perf_counter() - t0
-            return out
+        t0 = time.perf_counter()
+        if self.logical:  # every pair runs from the CPU weights; hits and misses differ only in the counters
+            order = np.argsort(ids_np, kind="stable")
+            rows = self._rows(module, hidden_states, top_k, order, ids_np[order], own)
+            times["cpu_time_s"][layer] += time.perf_counter() - t0
+            return rows[torch.from_numpy(np.argsort(order))]
 
         hit = pair_slots >= 0
-        out = None
-        if hit.any():
-            pairs = np.nonzero(hit)[0]
-            pairs = pairs[np.argsort(pair_slots[pairs], kind="stable")]
-            idx = torch.from_numpy(pairs).to(self.device)
-            group = torch.from_numpy(pair_slots[pairs]).to(self.device)
-            rows = expert_ffn(module, hidden_states[idx // top_k], group, self.cache.capacity, self.slots)
-            out = torch.empty((ids.numel(), rows.shape[-1]), dtype=rows.dtype, device=self.device)
-            out[idx] = rows
+        hits = np.nonzero(hit)[0]
+        hits = hits[np.argsort(pair_slots[hits], kind="stable")]
+        misses = np.nonzero(~hit)[0]
+        misses = misses[np.argsort(ids_np[misses], kind="stable")]
+        parts = []
+        if hits.size:  # launched first: on CUDA it runs while the CPU works on the misses
+            parts.append(self._rows(module, hidden_states, top_k, hits, pair_slots[hits], self.slots))
         t1 = time.perf_counter()
-        tel.times["device_time_s"][layer] += t1 - t0
-        if not hit.all():
-            pairs = np.nonzero(~hit)[0]
-            pairs = pairs[np.argsort(ids_np[pairs], kind="stable")]
-            idx = torch.from_numpy(pairs)
+        times["device_time_s"][layer] += t1 - t0
+        if misses.size:
             if self.miss_path == "copy":
-                return self._offload(module, hidden_states, top_k, ids_np[pairs], idx, out, layer, t1)
-            h_cpu = hidden_states.to("cpu")
-            group = torch.from_numpy(ids_np[pairs])
-            rows = expert_ffn(module, h_cpu[idx // top_k], group, self.num_experts, own)
-            if out is None:
-                out = torch.empty((ids.numel(), rows.shape[-1]), dtype=rows.dtype, device=self.device)
-            out[idx.to(self.device)] = rows.to(self.device, non_blocking=True)
-            tel.times["cpu_time_s"][layer] += time.perf_counter() - t1
-        return out
+                parts.append(self._offload(module, hidden_states, top_k, misses, ids_np[misses], layer))
+            else:
+                h_cpu = hidden_states.to("cpu")
+                rows = self._rows(module, h_cpu, top_k, misses, ids_np[misses], own)
+                parts.append(rows.to(self.device, non_blocking=True))
+                times["cpu_time_s"][layer] += time.perf_counter() - t1
+        out = torch.cat(parts) if len(parts) > 1 else parts[0]
+        back = torch.from_numpy(np.argsort(np.concatenate([hits, misses]))).to(self.device)
+        return out[back]
+
+    def _offload(self, module, hidden_states, top_k: int, pairs: np.ndarray, experts: np.ndarray, layer: int) -> torch.Tensor:
+        """The offload baseline of the seed paper: copy each missed expert in, use it once, drop it."""
+        t0 = time.perf_counter()
+        used = np.unique(experts)
+        scratch = {n: getattr(module, n)[torch.from_numpy(used)].to(self.device) for n in self.names}
+        rows = self._rows(module, hidden_states, top_k, pairs, np.searchsorted(used, experts), scratch)
+        self.telemetry.counts["bytes_copied"][layer] += len(used) * self.expert_bytes
+        self.telemetry.times["device_time_s"][layer] += time.perf_counter() - t0
+        return rows
