@@ -443,7 +443,8 @@ def _pinned(t: torch.Tensor) -> torch.Tensor:
     return out.copy_(t)
 
 
-def _place(model: torch.nn.Module, experts: list[torch.nn.Module], device: torch.device) -> None:
+def _place(model: torch.nn.Module, experts: list[torch.nn.Module], device: torch.device,
+           progress: Progress | None = None) -> None:
     """Dense weights to the fast device; routed experts stay on the CPU (pinned for fast copies).
 
     Matrices that the CPU will multiply by single tokens (all experts; dense layers too when the
@@ -451,6 +452,8 @@ def _place(model: torch.nn.Module, experts: list[torch.nn.Module], device: torch
     """
     owner = {id(getattr(m, n)): m for m in experts for n in expert_tensor_names(m)}
     placed: dict[int, torch.nn.Parameter] = {}
+    total = sum(p.numel() for p in model.parameters()) or 1
+    done = 0
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if p is None:
@@ -468,6 +471,10 @@ def _place(model: torch.nn.Module, experts: list[torch.nn.Module], device: torch
                     if device.type == "cpu" and isinstance(module, torch.nn.Linear) and name == "weight":
                         data = column_major(data)
                 placed[id(p)] = torch.nn.Parameter(data, requires_grad=False)
+                step = p.numel() / total
+                done += p.numel()
+                if progress and (done / total) // 0.02 != (done / total - step) // 0.02:  # every 2%
+                    progress(done / total)
             module._parameters[name] = placed[id(p)]
         for name, b in list(module._buffers.items()):
             if b is not None and b.device != device:
@@ -536,7 +543,7 @@ def load_model(
         raise Cancelled("loading was cancelled")
     experts = [m for m in model.modules() if is_experts_module(m)]
     report(0.85, f"placing weights on {dev}")
-    _place(model, experts, dev)
+    _place(model, experts, dev, lambda f: report(0.85 + 0.05 * f, f"placing weights on {dev}"))
     report(0.9, "loading the tokenizer")
     tokenizer = _load_tokenizer(path, trust_remote_code)
     runtime = None
