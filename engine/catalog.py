@@ -28,9 +28,9 @@ def _entry(source: str, origin: str, name: str | None = None) -> dict:
 def hf_cache_models() -> list[tuple[str, str]]:
     """(repo id, snapshot folder) of every model repo in the local Hugging Face cache; never downloads."""
     try:
-        from huggingface_hub import scan_cache_dir
+        from huggingface_hub import constants, scan_cache_dir
 
-        cache = scan_cache_dir()
+        cache = scan_cache_dir(constants.HF_HUB_CACHE)  # read now: the default is frozen at import
     except Exception as e:  # no cache folder yet, or one we cannot read
         log.info("no Hugging Face cache to scan: %s", e)
         return []

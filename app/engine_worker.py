@@ -1,0 +1,518 @@
+"""The only door between the window and the engine: one worker object on its own QThread.
+
+`EngineWorker` owns the loaded model and lives on a QThread. The window talks to it through
+`EngineClient`, whose request signals reach the worker and whose result signals come back through
+queued connections only, so no engine call ever runs on the GUI thread.
+
+Generation is stepped one token per event-loop turn (a zero-interval timer), so budget and policy
+changes, model listings and the stats timer are all served *between two steps* without reloading.
+Stop is an atomic flag (`threading.Event`, as in gpt4all-chat) that any thread may set; the engine
+checks it every step and the worker never emits a token after it has seen it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+from PySide6.QtCore import QObject, Qt, QThread, QTimer, Signal, Slot
+
+# The engine (torch, transformers) is imported on the worker thread when it starts, so the window
+# appears at once and the GUI thread never pays for, or blocks on, that import.
+_engine: dict = {}
+
+
+def _import_engine() -> dict:
+    if not _engine:
+        from engine import errors, loader, session
+        from engine.policies import POLICIES
+
+        try:
+            from engine.demo_model import DEMO_MODEL_DIR
+        except ImportError:  # a build without the demo model package
+            DEMO_MODEL_DIR = None
+        _engine.update(loader=loader, session=session, errors=errors, policies=dict(POLICIES),
+                       demo_dir=DEMO_MODEL_DIR)
+    return _engine
+
+
+STATS_INTERVAL_MS = 200          # 5 updates a second, also while idle (memory)
+MIN_STATS_GAP_S = 0.1            # never more than 10 a second, whatever triggers them
+PROGRESS_GAP_S = 0.05
+Q = Qt.ConnectionType.QueuedConnection
+
+
+def demo_model_source() -> str | None:
+    """The embedded demo model's folder, or None when this build has none on disk (worker thread)."""
+    path = _import_engine()["demo_dir"]
+    return str(path) if path is not None and (path / "config.json").is_file() else None
+
+
+def _is_engine_error(exc: BaseException) -> bool:
+    return bool(_engine) and isinstance(exc, _engine["errors"].EngineError)
+
+
+def _user_message(exc: BaseException, what: str) -> str:
+    """EngineError messages are written for people; anything else gets context around it."""
+    if _is_engine_error(exc):
+        return str(exc)
+    if isinstance(exc, MemoryError):
+        return f"{what} ran out of memory. Close other programs or choose a smaller model."
+    return f"{what} failed: {type(exc).__name__}: {exc}"
+
+
+class EngineWorker(QObject):
+    """Owns the engine; every slot runs on the worker thread."""
+
+    state_changed = Signal(str)                # "idle" | "loading" | "generating"
+    load_progress = Signal(int, float, str)    # load id, fraction 0..1, what is happening
+    model_loaded = Signal(int, object)         # load id, model description dict (see _describe)
+    load_failed = Signal(int, str, bool)       # load id, message, cancelled
+    model_unloaded = Signal()
+    token = Signal(int, str)                   # request id, text
+    reply_finished = Signal(int, object)       # request id, stats dict (finish_reason, tokens/s, ...)
+    stats = Signal(object)                     # dict: runtime snapshot + rss + state, <= 10 a second
+    budget_applied = Signal(object)            # bytes (an int; may pass 2**31)
+    budget_refused = Signal(str)
+    policy_applied = Signal(str)
+    models_listed = Signal(object)             # list of dicts
+    error = Signal(str)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._loaded = None
+        self._session = None
+        self._state = "idle"
+        self._gen: Iterator | None = None
+        self._request = 0
+        self._tokens = 0
+        self._stepped = False
+        self._cancel = threading.Event()
+        self._load_event: threading.Event | None = None
+        # Written by the GUI thread (int assignment is atomic), read here: stops requests that
+        # are still queued when the user presses Stop.
+        self.issued_request = 0
+        self.stopped_through = 0
+        self.issued_load = 0
+        self.cancelled_load_through = 0
+        self._last_stats_t = 0.0
+        self._last_progress_t = 0.0
+        self._process = psutil.Process()
+        self._step_timer = QTimer(self)
+        self._step_timer.setInterval(0)
+        self._step_timer.timeout.connect(self._step)
+        self._stats_timer = QTimer(self)
+        self._stats_timer.setInterval(STATS_INTERVAL_MS)
+        self._stats_timer.timeout.connect(self._emit_stats)
+
+    # -- called from any thread ----------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop whatever runs: the reply in progress (and queued ones), and a model load."""
+        self.stopped_through = self.issued_request
+        self._cancel.set()
+        self.cancel_load()
+
+    def cancel_load(self) -> None:
+        self.cancelled_load_through = self.issued_load
+        event = self._load_event
+        if event is not None:
+            event.set()
+
+    # -- slots (worker thread) -----------------------------------------------------------------
+    @Slot()
+    def start(self) -> None:
+        try:
+            _import_engine()
+        except BaseException as exc:  # noqa: BLE001 - a broken install must be reported, not crash
+            traceback.print_exc()
+            self.error.emit(f"The engine could not start: {type(exc).__name__}: {exc}. Reinstall MoE Chat.")
+        self._stats_timer.start()
+        self._emit_stats()
+
+    @Slot()
+    def teardown(self) -> None:
+        """Last call before the thread ends: stop timers, drop the model, quit the event loop."""
+        self._stats_timer.stop()
+        self._finish_generation(cancelled=True)
+        self._release()
+        QThread.currentThread().quit()
+
+    def _release(self) -> None:
+        """Drop the current model and give its cache memory back."""
+        loaded, self._loaded, self._session = self._loaded, None, None
+        runtime = getattr(loaded, "runtime", None)
+        if runtime is not None and hasattr(runtime, "close"):
+            try:
+                runtime.close()
+            except Exception:  # noqa: BLE001 - releasing must not fail a shutdown
+                traceback.print_exc()
+        del loaded
+        gc.collect()
+
+    @Slot(int, str, object, str)
+    def load(self, load_id: int, source: str, budget: object, policy: str) -> None:
+        """Inspect, then load; the current model keeps running unless the new one loads.
+
+        An empty `source` means the embedded demo model.
+        """
+        self._finish_generation(cancelled=True)
+        event = threading.Event()
+        self._load_event = event
+        if load_id <= self.cancelled_load_through:
+            event.set()
+        self._set_state("loading")
+        try:
+            eng = _import_engine()
+            if event.is_set():
+                raise eng["errors"].Cancelled("Loading was cancelled.")
+            if not source:
+                source = demo_model_source() or ""
+                if not source:
+                    raise eng["errors"].ModelError(
+                        "No model is chosen and this build has no demo model. Choose one with Model ▸ Browse…")
+            info = eng["loader"].inspect_model(source).to_dict()
+            needed = int(info.get("ram_needed_bytes") or 0)
+            if self._loaded is not None and needed > psutil.virtual_memory().available:
+                # Both would not fit: free the current model first rather than fail for want of RAM.
+                self._release()
+                self.model_unloaded.emit()
+            loaded = self._load_with_budget(load_id, source, budget, policy or "lru", event)
+            if event.is_set():
+                raise eng["errors"].Cancelled("Loading was cancelled.")
+            self._release()
+            self._loaded = loaded
+            self._session = eng["session"].Session(loaded)
+            self.model_loaded.emit(load_id, self._describe(source))
+        except BaseException as exc:  # noqa: BLE001 - report every failure, keep the current model
+            if _engine and isinstance(exc, _engine["errors"].Cancelled):
+                self.load_failed.emit(load_id, "Loading was cancelled; the current model keeps running.", True)
+                return
+            if not _is_engine_error(exc):
+                traceback.print_exc()
+            self.load_failed.emit(load_id, _user_message(exc, f"Loading {source}"), False)
+        finally:
+            self._load_event = None
+            self._set_state("idle")
+            self._emit_stats()
+
+    def _load_with_budget(self, load_id: int, source: str, budget: object, policy: str, event) -> Any:
+        def progress(fraction: float, message: str) -> None:
+            now = time.monotonic()
+            if fraction >= 1.0 or now - self._last_progress_t >= PROGRESS_GAP_S:
+                self._last_progress_t = now
+                self.load_progress.emit(load_id, float(fraction), str(message))
+
+        load_model = _engine["loader"].load_model
+        kwargs = dict(policy=policy, progress=progress, cancel=event)
+        if not budget:
+            return load_model(source, **kwargs)
+        try:
+            return load_model(source, budget=budget, **kwargs)
+        except ValueError as exc:  # the remembered budget does not suit this model
+            self.error.emit(f"The saved cache budget does not suit this model ({exc}); using the default.")
+            return load_model(source, **kwargs)
+
+    def _describe(self, source: str) -> dict:
+        info = self._loaded.info.to_dict()
+        info["source"] = source
+        info["policies"] = dict(_engine["policies"])
+        info["has_tokenizer"] = self._loaded.tokenizer is not None and info.get("has_tokenizer", True)
+        rt = self._loaded.runtime
+        info["has_runtime"] = rt is not None
+        if rt is not None:
+            snap = rt.snapshot()
+            info.update(
+                device=str(rt.device),
+                logical=bool(rt.logical),
+                budget_bytes=int(rt.budget_bytes),
+                max_budget_bytes=int(rt.max_budget_bytes),
+                runtime_expert_bytes=int(rt.expert_bytes),
+                runtime_expert_bytes_total=int(rt.expert_bytes_total),
+                policy=snap.get("policy", "lru"),
+                device_total_bytes=int(snap.get("device_total_bytes") or 0),
+            )
+        return info
+
+    @Slot(int, object, object)
+    def generate(self, request_id: int, messages: list, params: dict) -> None:
+        """Start a reply; tokens follow one per event-loop turn until the end or Stop."""
+        self._finish_generation(cancelled=True)
+        self._request = request_id
+        self._tokens = 0
+        self._stepped = False
+        if self._session is None:
+            self.reply_finished.emit(request_id, {"finish_reason": "error", "error": "No model is loaded."})
+            return
+        if self._loaded.tokenizer is None:
+            self.reply_finished.emit(request_id, {
+                "finish_reason": "error",
+                "error": "This model folder has no tokenizer, so it cannot chat. Add tokenizer files or pick another model.",
+            })
+            return
+        self._cancel = threading.Event()
+        if request_id <= self.stopped_through:
+            self._cancel.set()
+        try:
+            self._gen = iter(self._session.chat(messages, self._params(params), cancel=self._cancel))
+        except BaseException as exc:  # noqa: BLE001
+            self._fail_generation(exc)
+            return
+        self._set_state("generating")
+        self._step_timer.start()
+
+    @staticmethod
+    def _params(params: dict):
+        cls = _engine["session"].GenerationParams
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in names})
+
+    @Slot()
+    def _step(self) -> None:
+        if self._gen is None:
+            self._step_timer.stop()
+            return
+        self._stepped = True
+        try:
+            event = next(self._gen)  # the first call prefills; the engine checks `cancel` every step
+        except StopIteration:
+            self._finish_generation(cancelled=False)
+            return
+        except BaseException as exc:  # noqa: BLE001
+            self._fail_generation(exc)
+            return
+        if self._cancel.is_set():  # the token was computed after Stop: drop it
+            self._finish_generation(cancelled=True)
+            return
+        self._tokens += 1
+        self.token.emit(self._request, event.text)
+        self._emit_stats()
+
+    def _finish_generation(self, cancelled: bool) -> None:
+        gen, self._gen = self._gen, None
+        self._step_timer.stop()
+        if gen is None:
+            return
+        if cancelled:
+            self._cancel.set()
+            try:
+                gen.close()
+            except Exception:  # noqa: BLE001 - closing must never fail a stop
+                pass
+        # The session's last_stats describe this reply once its first step ran; before that, the last one.
+        stats = dict(getattr(self._session, "last_stats", None) or {}) if self._stepped else {}
+        if cancelled:
+            stats["finish_reason"] = "cancelled"
+        stats.setdefault("finish_reason", "cancelled")
+        stats["new_tokens"] = self._tokens
+        self._set_state("idle")
+        self.reply_finished.emit(self._request, stats)
+        self._emit_stats()
+
+    def _fail_generation(self, exc: BaseException) -> None:
+        traceback.print_exc()
+        self._gen = None
+        self._step_timer.stop()
+        message = _user_message(exc, "Generating a reply")
+        self._set_state("idle")
+        self.error.emit(message)
+        self.reply_finished.emit(self._request, {"finish_reason": "error", "error": message, "new_tokens": self._tokens})
+
+    @Slot(object)
+    def set_budget(self, budget: object) -> None:
+        """Resize the expert cache between two steps; a value that does not fit is refused."""
+        rt = self._loaded.runtime if self._loaded is not None else None
+        if rt is None:
+            self.budget_refused.emit("This model has no expert cache to size (no model, or no MoE layers).")
+            return
+        try:
+            applied = rt.set_budget(budget)
+        except ValueError as exc:
+            self.budget_refused.emit(str(exc))
+            return
+        self.budget_applied.emit(int(applied if applied is not None else rt.budget_bytes))
+        self._emit_stats()
+
+    @Slot(str)
+    def set_policy(self, name: str) -> None:
+        rt = self._loaded.runtime if self._loaded is not None else None
+        if rt is None:
+            self.error.emit("This model has no expert cache, so it has no cache policy.")
+            return
+        try:
+            rt.set_policy(name)
+        except (ValueError, KeyError) as exc:
+            self.error.emit(str(exc))
+            return
+        self.policy_applied.emit(name)
+        self._emit_stats()
+
+    @Slot(object)
+    def list_models(self, extra_dirs: list) -> None:
+        try:
+            from engine import catalog
+
+            models = catalog.list_models(extra_dirs)
+        except BaseException as exc:  # noqa: BLE001
+            traceback.print_exc()
+            self.error.emit(_user_message(exc, "Listing models"))
+            models = []
+        self.models_listed.emit([dict(m) for m in models])
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _set_state(self, state: str) -> None:
+        if state != self._state:
+            self._state = state
+            self.state_changed.emit(state)
+
+    @Slot()
+    def _emit_stats(self) -> None:
+        now = time.monotonic()
+        if now - self._last_stats_t < MIN_STATS_GAP_S:
+            return
+        self._last_stats_t = now
+        rt = self._loaded.runtime if self._loaded is not None else None
+        snap: dict = {}
+        if rt is not None:
+            try:
+                snap = dict(rt.snapshot())
+            except Exception as exc:  # noqa: BLE001 - stats must never break the worker
+                snap = {"snapshot_error": str(exc)}
+        rss = self._process.memory_info().rss
+        snap.setdefault("rss_bytes", rss)
+        snap.setdefault("peak_rss_bytes", rss)
+        snap["has_runtime"] = rt is not None
+        snap["model_loaded"] = self._loaded is not None
+        snap["state"] = self._state
+        snap["reply_tokens"] = self._tokens
+        snap["time"] = now
+        self.stats.emit(snap)
+
+
+class EngineClient(QObject):
+    """GUI-thread handle on the worker: starts its thread, forwards requests, re-emits results.
+
+    Every connection between the two threads is queued. `stop()` and `cancel_load()` only set
+    atomic flags, so they are safe to call at any moment.
+    """
+
+    state_changed = Signal(str)
+    load_progress = Signal(int, float, str)
+    model_loaded = Signal(int, object)
+    load_failed = Signal(int, str, bool)
+    model_unloaded = Signal()
+    token = Signal(int, str)
+    reply_finished = Signal(int, object)
+    stats = Signal(object)
+    budget_applied = Signal(object)
+    budget_refused = Signal(str)
+    policy_applied = Signal(str)
+    models_listed = Signal(object)
+    error = Signal(str)
+
+    _req_start = Signal()
+    _req_teardown = Signal()
+    _req_load = Signal(int, str, object, str)
+    _req_generate = Signal(int, object, object)
+    _req_budget = Signal(object)
+    _req_policy = Signal(str)
+    _req_list = Signal(object)
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.model_info: dict | None = None
+        self.state = "idle"
+        self.last_stats: dict = {}
+        self._thread = QThread()
+        self._thread.setObjectName("engine-worker")
+        self.worker = EngineWorker()
+        self.worker.moveToThread(self._thread)
+        for name in ("start", "teardown", "load", "generate", "budget", "policy", "list"):
+            slot = {
+                "start": self.worker.start, "teardown": self.worker.teardown, "load": self.worker.load,
+                "generate": self.worker.generate, "budget": self.worker.set_budget,
+                "policy": self.worker.set_policy, "list": self.worker.list_models,
+            }[name]
+            getattr(self, f"_req_{name}").connect(slot, Q)
+        for name in (
+            "state_changed", "load_progress", "model_loaded", "load_failed", "model_unloaded", "token",
+            "reply_finished", "stats", "budget_applied", "budget_refused", "policy_applied",
+            "models_listed", "error",
+        ):
+            getattr(self.worker, name).connect(getattr(self, name), Q)
+        self.model_loaded.connect(self._remember_model)
+        self.model_unloaded.connect(lambda: setattr(self, "model_info", None))
+        self.state_changed.connect(lambda s: setattr(self, "state", s))
+        self.stats.connect(lambda s: setattr(self, "last_stats", s))
+        self.budget_applied.connect(self._remember_budget)
+        self.policy_applied.connect(self._remember_policy)
+        self._started = False
+
+    def start(self) -> None:
+        if not self._started:
+            self._thread.start()
+            self._started = True
+            self._req_start.emit()
+
+    def is_running(self) -> bool:
+        return self._thread.isRunning()
+
+    # requests ------------------------------------------------------------------------------
+    def load(self, source: str, budget: int = 0, policy: str = "lru") -> int:
+        """Load `source` ('' = the demo model) with a cache budget in bytes (0 = the engine's default)."""
+        self.worker.issued_load += 1
+        load_id = self.worker.issued_load
+        # Never None through a signal: PySide6 6.12 miscounts references to it (see app.pyside_guard).
+        self._req_load.emit(load_id, str(source), int(budget or 0), policy)
+        return load_id
+
+    def generate(self, messages: list[dict], params: dict) -> int:
+        self.worker.issued_request += 1
+        request_id = self.worker.issued_request
+        self._req_generate.emit(request_id, list(messages), dict(params))
+        return request_id
+
+    def stop(self) -> None:
+        self.worker.stop()
+
+    def cancel_load(self) -> None:
+        self.worker.cancel_load()
+
+    def set_budget(self, budget: int | str) -> None:
+        """Bytes (or a string such as '512MiB'); applied between two steps, or refused with a message."""
+        self._req_budget.emit(budget)
+
+    def set_policy(self, name: str) -> None:
+        self._req_policy.emit(name)
+
+    def list_models(self, extra_dirs: list[str]) -> None:
+        self._req_list.emit(list(extra_dirs))
+
+    def shutdown(self, timeout_ms: int = 2000) -> bool:
+        """Stop everything and join the worker thread; True when it ended in time."""
+        if not self._started:
+            return True
+        self.worker.stop()
+        self._req_teardown.emit()
+        ok = self._thread.wait(timeout_ms)
+        if not ok:  # pragma: no cover - only when an engine call ignores its cancel flag
+            print("moe-chat: the engine thread did not stop within", timeout_ms, "ms")
+        self._started = not ok
+        return ok
+
+    # bookkeeping ---------------------------------------------------------------------------
+    def _remember_model(self, _load_id: int, info: dict) -> None:
+        self.model_info = info
+
+    def _remember_budget(self, value: int) -> None:
+        if self.model_info is not None:
+            self.model_info["budget_bytes"] = value
+
+    def _remember_policy(self, name: str) -> None:
+        if self.model_info is not None:
+            self.model_info["policy"] = name

@@ -1,0 +1,105 @@
+"""Sampling settings and the default system prompt, saved with QSettings."""
+
+from __future__ import annotations
+
+from PySide6.QtWidgets import (
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QLabel,
+    QPlainTextEdit,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.settings import DEFAULTS, SAMPLING_KEYS, Key, Settings
+
+HELP = {
+    "temperature": "Higher is more varied, lower more focused; 0 always picks the likeliest token.",
+    "top_p": "Sample only from the smallest set of tokens whose probabilities add up to this.",
+    "top_k": "Sample only from this many likeliest tokens (0 = no limit).",
+    "max_new_tokens": "The longest reply, in tokens.",
+    "repetition_penalty": "Above 1 discourages repeating what is already in the text.",
+    "seed": "The same seed and prompt give the same reply; -1 gives a new one each time.",
+}
+
+
+class SettingsDialog(QDialog):
+    def __init__(self, settings: Settings, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Settings")
+        self.settings = settings
+        self.fields: dict[str, QSpinBox | QDoubleSpinBox] = {
+            "temperature": self._double(0.0, 2.0, 0.05, 2),
+            "top_p": self._double(0.05, 1.0, 0.05, 2),
+            "top_k": self._int(0, 1000),
+            "max_new_tokens": self._int(1, 32768),
+            "repetition_penalty": self._double(1.0, 2.0, 0.05, 2),
+            "seed": self._int(-1, 2**31 - 1),
+        }
+        labels = {"temperature": "Temperature", "top_p": "Top-p", "top_k": "Top-k",
+                  "max_new_tokens": "Max tokens", "repetition_penalty": "Repetition penalty",
+                  "seed": "Seed"}
+        form = QFormLayout()
+        for name, field in self.fields.items():
+            field.setToolTip(HELP[name])
+            form.addRow(labels[name], field)
+        self.system_prompt = QPlainTextEdit()
+        self.system_prompt.setFixedHeight(80)
+        form.addRow("System prompt for new chats", self.system_prompt)
+        self.theme = QComboBox()
+        for value, text in (("system", "Follow the system"), ("light", "Light"), ("dark", "Dark")):
+            self.theme.addItem(text, value)
+        form.addRow("Theme", self.theme)
+        note = QLabel("Sampling settings apply to the next reply. Each conversation keeps its own system prompt.")
+        note.setObjectName("cardNote")
+        note.setWordWrap(True)
+        buttons = QDialogButtonBox(
+            QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel
+            | QDialogButtonBox.StandardButton.RestoreDefaults
+        )
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        buttons.button(QDialogButtonBox.StandardButton.RestoreDefaults).clicked.connect(self.restore_defaults)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(note)
+        layout.addWidget(buttons)
+        self._show(settings.sampling(), settings.value(Key.SYSTEM_PROMPT), settings.value(Key.THEME))
+
+    @staticmethod
+    def _double(lo: float, hi: float, step: float, decimals: int) -> QDoubleSpinBox:
+        w = QDoubleSpinBox()
+        w.setRange(lo, hi)
+        w.setSingleStep(step)
+        w.setDecimals(decimals)
+        return w
+
+    @staticmethod
+    def _int(lo: int, hi: int) -> QSpinBox:
+        w = QSpinBox()
+        w.setRange(lo, hi)
+        return w
+
+    def _show(self, sampling: dict, system_prompt: str, theme: str) -> None:
+        for name, field in self.fields.items():
+            value = sampling[name]
+            field.setValue(-1 if value is None else value)
+        self.system_prompt.setPlainText(system_prompt)
+        self.theme.setCurrentIndex(max(0, self.theme.findData(theme)))
+
+    def restore_defaults(self) -> None:
+        self._show({n: DEFAULTS[k] for n, k in SAMPLING_KEYS.items()}, DEFAULTS[Key.SYSTEM_PROMPT],
+                   DEFAULTS[Key.THEME])
+
+    def values(self) -> dict:
+        return {name: field.value() for name, field in self.fields.items()}
+
+    def accept(self) -> None:
+        self.settings.set_sampling(self.values())
+        self.settings.set_value(Key.SYSTEM_PROMPT, self.system_prompt.toPlainText())
+        self.settings.set_value(Key.THEME, self.theme.currentData())
+        super().accept()
