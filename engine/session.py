@@ -99,6 +99,7 @@ class Session:
         params = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         text_config = self.model.config.get_text_config()
+        self.context_length = int(getattr(text_config, "max_position_embeddings", None) or 1 << 20)
         self._sliding = bool(getattr(text_config, "sliding_window", None)) and any(
             "sliding" in t for t in (getattr(text_config, "layer_types", None) or ["sliding"]))
         gen = getattr(self.model, "generation_config", None)
@@ -187,6 +188,11 @@ class Session:
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise EngineError("the prompt is empty")
+        if len(prompt) >= self.context_length:
+            raise EngineError(
+                f"the conversation ({len(prompt)} tokens) no longer fits the model's context of "
+                f"{self.context_length} tokens; start a new chat or shorten the messages"
+            )
         return self._generate(prompt, params, cancel or threading.Event())
 
     def _generate(self, prompt: list[int], params: GenerationParams, cancel: threading.Event):
@@ -228,7 +234,7 @@ class Session:
                 text = stops.feed(detok.add(token))
                 if stops.stopped:
                     reason = "stop"
-                elif len(new) >= params.max_new_tokens:
+                elif len(new) >= params.max_new_tokens or len(prompt) + len(new) >= self.context_length:
                     reason = "length"
                 elif cancel.is_set():
                     reason = "cancelled"

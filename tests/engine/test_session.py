@@ -105,3 +105,10 @@ def test_stats_after_a_reply(session):
     assert s["new_tokens"] >= 1 and s["prompt_tokens"] > 0
     assert s["finish_reason"] in ("eos", "length")
     assert s["prefill_tokens_per_s"] > 0
+
+
+def test_a_conversation_longer_than_the_context_is_a_clear_error(session):
+    with pytest.raises(Exception, match="no longer fits the model's context of 256 tokens"):
+        list(session.generate(list(range(5, 300)), GREEDY))
+    list(session.generate(list(range(5, 250)), GenerationParams(max_new_tokens=50, greedy=True)))
+    assert session.last_stats["new_tokens"] <= 256 - 245 and session.last_stats["finish_reason"] in ("length", "eos")
