@@ -95,6 +95,7 @@ class Session:
         self._kv = None
         self._kv_ids: list[int] = []  # the tokens whose keys and values are in self._kv
         self.last_stats: dict = {}
+        self._dropped = 0  # messages `chat` left out of the last prompt to make it fit
         # transformers renamed `past_key_values` to `cache` during v5; the cache object is updated in place
         params = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -126,7 +127,20 @@ class Session:
 
     def chat(self, messages: list[dict], params: GenerationParams,
              cancel: threading.Event | None = None) -> Iterator[TokenEvent]:
-        return self.generate(self.encode_chat(messages), params, cancel)
+        """Reply to a conversation; the oldest turns (never the system prompt) are left out when the
+        conversation would not leave room in the model's context for the reply."""
+        messages = list(messages)
+        ids = self.encode_chat(messages)
+        room = min(params.max_new_tokens, self.context_length // 4)
+        self._dropped = 0
+        while len(ids) + room > self.context_length:
+            first = next((i for i, m in enumerate(messages[:-1]) if m["role"] != "system"), None)
+            if first is None:
+                break
+            del messages[first]
+            self._dropped += 1
+            ids = self.encode_chat(messages)
+        return self.generate(ids, params, cancel)
 
     # -- generation ------------------------------------------------------------------------------
     def _reuse_kv(self, prompt: list[int]) -> int:
@@ -203,7 +217,8 @@ class Session:
         stops = _StopFilter(params.stop)
         stats = {"finish_reason": "length", "prompt_tokens": len(prompt), "new_tokens": 0,
                  "reused_prompt_tokens": 0, "prefill_tokens_per_s": 0.0, "decode_tokens_per_s": 0.0,
-                 "time_to_first_token_s": 0.0}
+                 "time_to_first_token_s": 0.0, "dropped_messages": self._dropped}
+        self._dropped = 0
         self.last_stats = stats
         t0 = time.perf_counter()
         reused = self._reuse_kv(prompt)

@@ -112,3 +112,15 @@ def test_a_conversation_longer_than_the_context_is_a_clear_error(session):
         list(session.generate(list(range(5, 300)), GREEDY))
     list(session.generate(list(range(5, 250)), GenerationParams(max_new_tokens=50, greedy=True)))
     assert session.last_stats["new_tokens"] <= 256 - 245 and session.last_stats["finish_reason"] in ("length", "eos")
+
+
+def test_chat_leaves_out_the_oldest_turns_to_fit_the_context(session):
+    long = "The cache keeps the hottest experts on the GPU. " * 6
+    messages = [{"role": "system", "content": "Be brief."}]
+    for i in range(12):
+        messages += [{"role": "user", "content": long}, {"role": "assistant", "content": long}]
+    messages.append({"role": "user", "content": "And now?"})
+    params = GenerationParams(max_new_tokens=8, greedy=True)
+    assert len(list(session.chat(messages, params))) >= 1
+    assert session.last_stats["dropped_messages"] > 0
+    assert session.last_stats["prompt_tokens"] + 8 <= 256
