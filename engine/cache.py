@@ -92,8 +92,9 @@ class ExpertCache:
         """Try to place missed experts (best first); at most `limit` of them.
 
         An expert enters when there is room in its scope, or when it outranks the scope's weakest
-        resident, which is then evicted. With `reserve` the place is held but the expert only counts
-        as cached once `commit` is called (its copy has landed).
+        resident by more than the policy's `admission_margin`; that resident is then evicted. With
+        `reserve` the place is held but the expert only counts as cached once `commit` is called (its
+        copy has landed).
         """
         if limit <= 0 or self.capacity == 0 or len(experts) == 0:
             return []
@@ -108,7 +109,7 @@ class ExpertCache:
             evicted = slot = None
             if not self._has_room(layer):
                 victim = self._victim(layer, prio)
-                if victim is None or prio[layer, e] <= prio[victim]:
+                if victim is None or prio[layer, e] <= prio[victim] + self.policy.admission_margin:
                     continue
                 evicted = victim
                 slot = int(self.slot_of[victim])

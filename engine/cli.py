@@ -254,6 +254,85 @@ def cmd_bench(args) -> dict:
     return result
 
 
+def cmd_trace(args) -> dict:
+    """Record the routing of a real run into a trace file (ARCHITECTURE.md's format)."""
+    from pathlib import Path
+
+    from .trace import record_trace, save_trace
+
+    prompts = ([line for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
+               if args.prompts else [args.prompt])
+    if not prompts:
+        raise EngineError(f"{args.prompts} holds no prompts (one per line)")
+    loaded = _load(args)
+    if loaded.tokenizer is None:  # a folder without a tokenizer: prompts are comma-separated token ids
+        prompts = [[int(t) for t in p.split(",") if t.strip()] for p in prompts]
+    trace = record_trace(loaded, prompts, _params(args), chat=args.chat, progress=_progress)
+    path = save_trace(args.out, trace)
+    result = {"trace": str(path), "model": trace.model, "prompts": len(prompts), "rows": len(trace),
+              "moe_layers": trace.num_layers, "num_experts": trace.num_experts, "top_k": trace.top_k,
+              "prefill_tokens": trace.prefill_tokens, "expert_bytes": trace.expert_bytes}
+    if not args.json:
+        print(f"{path}: {len(trace)} rows x {trace.num_layers} MoE layers x top-{trace.top_k} "
+              f"of {trace.num_experts} experts ({len(prompts)} prompt(s))")
+    return result
+
+
+def _simulation_profile(path: str, trace):
+    """Counts for the static policy / preload: a profile JSON or another trace (never the replayed one)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from .trace import load_trace
+
+    if path.endswith(".npz"):
+        counts = load_trace(path).usage().astype(np.float64)
+    else:
+        counts = np.asarray(json.loads(Path(path).read_text())["counts"], dtype=np.float64)
+    if counts.shape != (trace.num_layers, trace.num_experts):
+        raise ValueError(f"{path} has shape {counts.shape}, the trace needs {(trace.num_layers, trace.num_experts)}")
+    return counts
+
+
+def cmd_simulate(args) -> dict | None:
+    """Replay a trace under a policy and budget; compare with the offline optimum."""
+    from .simulator import calibrate_cpu_bytes_per_s, simulate
+    from .trace import load_trace
+    from .units import parse_size
+
+    if args.policy == "list":
+        for name, description in POLICIES.items():
+            print(f"{name}\t{description}")
+        return None
+    if not args.trace:
+        raise ValueError("simulate needs --trace FILE.npz")
+    if args.slots_per_layer is None and args.total_slots is None:
+        raise ValueError("simulate needs --slots-per-layer N or --total-slots N")
+    trace = load_trace(args.trace)
+    expert_bytes = parse_size(args.expert_bytes) if args.expert_bytes else None
+    cpu = args.cpu_bytes_per_s
+    if cpu == "calibrate":
+        from .simulator import DEFAULT_EXPERT_BYTES
+
+        cpu_rate = calibrate_cpu_bytes_per_s(expert_bytes or trace.expert_bytes or DEFAULT_EXPERT_BYTES)
+    else:
+        cpu_rate = float(cpu)
+    result = simulate(
+        trace, args.policy, slots_per_layer=args.slots_per_layer, total_slots=args.total_slots,
+        skip_prefill=args.skip_prefill, profile=_simulation_profile(args.profile, trace) if args.profile else None,
+        device_profile=args.device_profile, expert_bytes=expert_bytes, cpu_bytes_per_s=cpu_rate,
+        dense_bytes=parse_size(args.dense_bytes) if args.dense_bytes else 0, overlap_copies=args.overlap_copies,
+    )
+    if not args.json:
+        print(f"{result['policy']} ({result['scope']}, {result['capacity']} slots): hit rate {result['hit_rate']:.3f} "
+              f"({result['hits']}/{result['accesses']}), optimum {result['optimal_hit_rate']:.3f}, "
+              f"{result['admissions']} copies")
+        if "modelled_tokens_per_s" in result:
+            print(f"modelled on {result['device_profile']}: {result['modelled_tokens_per_s']:.1f} tokens/s")
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description="MoE Chat's hybrid CPU-GPU MoE engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -304,6 +383,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chart", default="seed-bench.png", help="seed suite: where to save the PNG chart")
     sampling(p, 64)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("trace", help="record the expert routing of a real run into a trace file (.npz)")
+    _add_model_args(p)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt")
+    group.add_argument("--prompts", help="text file, one prompt per line (rows are concatenated)")
+    p.add_argument("--out", required=True, help="trace file to write (.npz)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    sampling(p, 64)
+    p.set_defaults(func=cmd_trace, budget="0", profile="none")
+
+    p = sub.add_parser("simulate", help="replay a routing trace under a cache policy and budget; report the optimum")
+    p.add_argument("--trace", help="trace file (.npz) from `trace` or any tool writing the format")
+    p.add_argument("--policy", required=True, help="a policy name, or 'list' to print them")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--slots-per-layer", type=int, help="equal slots per MoE layer (per_layer scope)")
+    size.add_argument("--total-slots", type=int, help="one pool of slots shared by all layers (pooled scope)")
+    p.add_argument("--skip-prefill", action="store_true",
+                   help="count decode rows only (prefill rows still warm the cache)")
+    p.add_argument("--profile", help="profile JSON or another trace (.npz): preloaded, and the static policy's set")
+    p.add_argument("--device-profile", choices=sorted(DEVICE_PROFILES), help="model tokens/s on this GPU")
+    p.add_argument("--expert-bytes", help="bytes of one expert (default: the trace's, else 4MiB)")
+    p.add_argument("--cpu-bytes-per-s", default="20e9", help="CPU read bandwidth of the miss path, or 'calibrate'")
+    p.add_argument("--dense-bytes", help="dense bytes read per token on the device (default 0: experts only)")
+    p.add_argument("--overlap-copies", action="store_true",
+                   help="model copies as fully hidden behind compute (default: added in series)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=cmd_simulate)
     return parser
 
 
