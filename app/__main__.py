@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     QApplication.setApplicationName(APP_ID)
     QApplication.setApplicationDisplayName(APP_NAME)
+    QApplication.setDesktopFileName("moe-chat")  # Wayland matches the window to packaging/linux/moe-chat.desktop
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setWindowIcon(theme.app_icon())
     settings = Settings()
