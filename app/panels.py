@@ -253,20 +253,26 @@ class _History:
         return np.array(self.values[name], dtype=np.float64) / scale
 
 
+def _time_plots(canvas) -> tuple[pg.PlotItem, pg.PlotItem]:
+    """Two stacked plots over the last HISTORY_S seconds, sharing the time axis shown under the lower one."""
+    top = canvas.addPlot(row=0, col=0)
+    bottom = canvas.addPlot(row=1, col=0, axisItems={"bottom": SecondsAxis("bottom")})
+    bottom.setXLink(top)
+    for p in (top, bottom):
+        p.setMouseEnabled(False, False)
+        p.hideButtons()
+        p.setXRange(-HISTORY_S, 0, padding=0)
+    top.getAxis("bottom").setStyle(showValues=False)
+    return top, bottom
+
+
 class MemoryPanel(Card):
     """Fast-device memory (cache and total) against the budget and capacity; process RAM."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__("Memory", parent)
         self.history = _History("cache", "fast", "budget", "max", "capacity", "rss")
-        self.dev_plot = self.canvas.addPlot(row=0, col=0)
-        self.ram_plot = self.canvas.addPlot(row=1, col=0, axisItems={"bottom": SecondsAxis("bottom")})
-        self.ram_plot.setXLink(self.dev_plot)
-        for p in (self.dev_plot, self.ram_plot):
-            p.setMouseEnabled(False, False)
-            p.hideButtons()
-            p.setXRange(-HISTORY_S, 0, padding=0)
-        self.dev_plot.getAxis("bottom").setStyle(showValues=False)
+        self.dev_plot, self.ram_plot = _time_plots(self.canvas)
         self.curves: dict[str, pg.PlotDataItem] = {}
         self._logical = True
         self.canvas.setMinimumHeight(130)
@@ -360,15 +366,8 @@ class ThroughputPanel(Card):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__("Throughput", parent)
         self.history = _History("prefill", "decode", "cpu")
-        self.tps_plot = self.canvas.addPlot(row=0, col=0)
-        self.cpu_plot = self.canvas.addPlot(row=1, col=0, axisItems={"bottom": SecondsAxis("bottom")})
-        self.cpu_plot.setXLink(self.tps_plot)
-        for p in (self.tps_plot, self.cpu_plot):
-            p.setMouseEnabled(False, False)
-            p.hideButtons()
-            p.setXRange(-HISTORY_S, 0, padding=0)
+        self.tps_plot, self.cpu_plot = _time_plots(self.canvas)
         self.tps_plot.setLabel("left", "tok/s")
-        self.tps_plot.getAxis("bottom").setStyle(showValues=False)
         self.cpu_plot.setLabel("left", "CPU %")
         self.cpu_plot.setYRange(0, 100, padding=0.05)
         self.canvas.ci.layout.setRowStretchFactor(0, 3)
