@@ -7,6 +7,7 @@ forward hooks on the model mark step boundaries, which is where budget and polic
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
@@ -288,16 +289,15 @@ class HybridRuntime:
         if self.recorder is not None:
             self.recorder(layer, ids_np.reshape(tokens, top_k), top_k_weights.detach().float().cpu().numpy())
         if tokens == 1:  # decode: top-k experts are distinct, no need to count them
-            experts, inverse, counts = ids_np, np.arange(top_k), np.ones(top_k, dtype=np.int64)
+            experts, inverse, counts = ids_np, self._arange(top_k), self._ones(top_k)
         else:
             experts, inverse, counts = np.unique(ids_np, return_inverse=True, return_counts=True)
         step = self.step
-        slots = self.cache.lookup(layer, experts).copy()
+        slots = self.cache.lookup(layer, experts)  # fancy indexing: a copy
         self.policy.record(layer, experts, counts, step)
         self.usage[layer, experts] += counts
-        tel = self.telemetry
         missed = slots < 0
-        fetched = np.zeros_like(missed)
+        fetched = None
         if not self.logical and tokens > 1 and missed.any():
             fetched = self._fetch_now(layer, experts, counts, slots, missed, step)
             missed &= ~fetched
@@ -310,16 +310,31 @@ class HybridRuntime:
         final = out.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
         n_miss = int(counts[missed].sum())
-        n_fetch = int(counts[fetched].sum())
-        tel.counts["hits"][layer] += ids_np.size - n_miss - n_fetch
-        tel.counts["misses"][layer] += n_miss
-        tel.counts["fetches"][layer] += n_fetch
+        n_fetch = int(counts[fetched].sum()) if fetched is not None else 0
+        tel = self.telemetry.counts
+        tel["hits"][layer] += ids_np.size - n_miss - n_fetch
+        tel["misses"][layer] += n_miss
+        tel["fetches"][layer] += n_fetch
         if missed.any():
             limit = self.admissions_per_layer or top_k
             admitted = self.cache.admit(layer, experts[missed], step, limit, reserve=self._side_stream is not None)
             self._copy_in(admitted, sync=False)
             self._count_admissions(layer, admitted)
         return final
+
+    @staticmethod
+    @functools.cache
+    def _arange(n: int) -> np.ndarray:
+        a = np.arange(n)
+        a.setflags(write=False)  # shared between calls
+        return a
+
+    @staticmethod
+    @functools.cache
+    def _ones(n: int) -> np.ndarray:
+        a = np.ones(n, dtype=np.int64)
+        a.setflags(write=False)
+        return a
 
     def _fetch_now(self, layer, experts, counts, slots, missed, step) -> np.ndarray:
         """Prefill: copy experts with enough tokens to make a copy cheaper than the CPU, then use them."""
