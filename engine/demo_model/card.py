@@ -19,6 +19,9 @@ from engine.demo_model.corpus import FAMILIES, all_tasks
 SHIPPED = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
            "tokenizer_config.json", "chat_template.jinja")
 
+ARCH_KEYS = ("model_type", "num_hidden_layers", "num_experts", "num_experts_per_tok", "hidden_size",
+             "moe_intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
+
 
 def file_table(model_dir: Path) -> dict[str, dict]:
     """Size in bytes and sha256 of every shipped file that exists."""
@@ -43,6 +46,7 @@ def render(manifest: dict) -> str:
     """The model card text, built only from the manifest."""
     tr, ev, files = manifest["training"], manifest["evaluation"], manifest["files"]
     routing = ev["routing"]
+    arch = manifest["model"]
     total = sum(f["bytes"] for f in files.values())
     lines = [
         "# MoE Chat demo model",
@@ -69,9 +73,11 @@ def render(manifest: dict) -> str:
         "",
         "## Architecture",
         "",
-        f"{tr['parameters'] / 1e6:.2f} M parameters, float32: 4 decoder layers, each a mixture of 8 experts with",
-        "top-2 routing (hidden size 192, expert size 192, 6 query heads and 2 key-value heads of size 32),",
-        "tied embeddings, a 768-token byte-level BPE vocabulary whose pre-tokenizer keeps digits and the letters",
+        f"{tr['parameters'] / 1e6:.2f} M parameters, float32: {arch['num_hidden_layers']} decoder layers, each a mixture of",
+        f"{arch['num_experts']} experts with top-{arch['num_experts_per_tok']} routing (hidden size {arch['hidden_size']},",
+        f"expert size {arch['moe_intermediate_size']}, {arch['num_attention_heads']} query heads and",
+        f"{arch['num_key_value_heads']} key-value heads of size {arch['head_dim']}), tied embeddings, a",
+        f"{arch['vocab_size']}-token byte-level BPE vocabulary whose pre-tokenizer keeps digits and the letters",
         "of quoted or spelled words as single tokens. Chat template: `<|user|>...<|end|><|assistant|>...<|end|>`.",
         "",
         "## Training",
@@ -136,10 +142,14 @@ def write_card(model_dir: Path = DEMO_MODEL_DIR, evaluation: dict | None = None)
 
     manifest_path = model_dir / "manifest.json"
     old = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)  # resolves attribute aliases such as num_experts
     evaluation = evaluation or evaluate(model_dir)
     manifest = {
         "training": old["training"],
         "aux_coef": AUX_COEF,
+        "model": {k: getattr(config, k) for k in ARCH_KEYS},
         "evaluation": evaluation,
         "files": file_table(model_dir),
     }

@@ -16,7 +16,8 @@ SEED = 1234
 HELD_OUT_FRACTION = 0.15
 
 # Openers are prepended to the questions of tasks that allow them; the last two are held out.
-OPENERS = ("", "", "Hey, ", "Quick question: ", "Please tell me: ", "Hi! ", "Hello there, ", "One more thing: ")
+OPENERS = ("", "", "", "Hey, ", "Quick question: ", "Please tell me: ", "Hi! ", "So, ", "Okay, ", "Excuse me, ",
+           "I wonder: ", "Could you help? ", "Hello there, ", "One more thing: ")
 HELD_OUT_OPENERS = frozenset({"Hello there, ", "One more thing: "})
 
 
@@ -264,11 +265,14 @@ def _moe_chat() -> list[Task]:
 NAMES = """Anna Ben Clara David Emma Felix Grace Hugo Iris Jack Kate Leo Mia Noah Olivia Paul Rosa Sam Tom Uma
 Victor Wendy Max Zoe Lena Omar Yuki Ravi Sofia Lucas Nina Ahmed Elena Marco Julia Kai Sara Ivan Chloe Liam
 Maya Theo Alice Oscar Hannah Finn Lily Jonas Ella Luis""".split()
+# Made-up names from syllables: many names teach the model to copy any name, not to recall a few.
+SYLLABLES = "ka lo mi ren ta vi su na del ro fi ben an el mar lin to za jo pe ri da nu sel".split()
+MADE_UP_NAMES = [(a + b).capitalize() for a in SYLLABLES for b in SYLLABLES if a != b]
 
 
 def _smalltalk() -> list[Task]:
-    names = [dict(name=n) for n in NAMES]
-    train, test = _split(names, 4, 0.2)
+    names = [dict(name=n) for n in dict.fromkeys(NAMES + MADE_UP_NAMES)]
+    train, test = _split(names, 4)
 
     def simple(name: str, cores: list[str], held: list[str], reply: str) -> Task:
         return Task("smalltalk", name, cores, held, reply, openers=False)
@@ -306,7 +310,7 @@ def all_tasks() -> list[Task]:
 
 
 # Training draws families with these weights: letter games and sums need the most practice.
-FAMILY_WEIGHTS = {"arithmetic": 0.26, "letters": 0.32, "conversions": 0.2, "moe_chat": 0.13, "smalltalk": 0.09}
+FAMILY_WEIGHTS = {"arithmetic": 0.28, "letters": 0.31, "conversions": 0.13, "moe_chat": 0.11, "smalltalk": 0.17}
 
 
 class TrainStream:

@@ -65,7 +65,7 @@ def engine_replier(model_dir: Path) -> tuple[Callable[[str], str], object, objec
     from engine.loader import load_model
     from engine.session import GenerationParams, Session
 
-    loaded = load_model(str(model_dir), device="cpu", budget=CACHE_FRACTION, policy="lru")
+    loaded = load_model(str(model_dir), device="cpu", budget=CACHE_FRACTION, policy="lru", profile=None)
     session = Session(loaded)
     # plain argmax: the engine's default repetition penalty would also apply to greedy decoding
     params = GenerationParams(max_new_tokens=MAX_NEW_TOKENS, greedy=True, repetition_penalty=1.0)

@@ -24,11 +24,11 @@ from engine.demo_model.corpus import SEED, Example, TrainStream, held_out_exampl
 from engine.demo_model.tokenizer import build_tokenizer
 
 THREADS = 2
-STEPS = 4200
+STEPS = 2400
 ROWS = 24          # rows per batch
 ROW_LEN = 128      # tokens per row, filled with whole exchanges
 PEAK_LR = 3e-3
-WARMUP = 200
+WARMUP = 150
 AUX_COEF = 0.01
 
 MODEL_KWARGS = dict(
@@ -112,13 +112,13 @@ def lr_at(step: int, steps: int) -> float:
     return PEAK_LR * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(steps: int = STEPS, out_dir: Path = DEMO_MODEL_DIR, eval_every: int = 1000) -> dict:
+def train(steps: int = STEPS, out_dir: Path = DEMO_MODEL_DIR, eval_every: int = 600, threads: int = THREADS) -> dict:
     """Train and save the model plus tokenizer into out_dir; return a summary of the run."""
     from tqdm import tqdm
 
     from engine.demo_model.evaluate import greedy_batch
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(threads)
     torch.manual_seed(SEED)
     random.seed(SEED)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -151,19 +151,19 @@ def train(steps: int = STEPS, out_dir: Path = DEMO_MODEL_DIR, eval_every: int = 
         ema = lm if ema is None else 0.98 * ema + 0.02 * lm
         bar.set_postfix(loss=f"{ema:.4f}", aux=f"{out.aux_loss.item():.3f}", lr=f"{lr_at(step, steps):.1e}")
         if (step + 1) % 200 == 0:
-            print(f"step {step + 1}: loss {ema:.4f} aux {out.aux_loss.item():.3f}", file=sys.stderr)
+            bar.write(f"step {step + 1}: loss {ema:.4f} aux {out.aux_loss.item():.3f}", file=sys.stderr)
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
             model.eval()
             replies = greedy_batch(model, tokenizer, [ex.prompt for ex in probe])
             acc = sum(r == ex.reply for r, ex in zip(replies, probe)) / len(probe)
-            print(f"step {step + 1}: held-out probe accuracy {acc:.3f} ({time.time() - start:.0f}s)", file=sys.stderr)
+            bar.write(f"step {step + 1}: held-out probe accuracy {acc:.3f} ({time.time() - start:.0f}s)", file=sys.stderr)
     wall = time.time() - start
 
     model.eval()
     model.config.output_router_logits = False  # only needed for the training loss
     model.save_pretrained(out_dir, safe_serialization=True)
     model.generation_config.save_pretrained(out_dir)
-    summary = dict(steps=steps, rows=ROWS, row_len=ROW_LEN, peak_lr=PEAK_LR, threads=THREADS,
+    summary = dict(steps=steps, rows=ROWS, row_len=ROW_LEN, peak_lr=PEAK_LR, threads=threads,
                 train_seconds=round(wall), parameters=n_params, final_loss=round(ema, 4), seed=SEED)
     (out_dir / "manifest.json").write_text(json.dumps({"training": summary}, indent=2) + "\n")
     return summary
@@ -173,12 +173,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--out", type=Path, default=DEMO_MODEL_DIR)
-    parser.add_argument("--eval-every", type=int, default=1000)
+    parser.add_argument("--eval-every", type=int, default=600)
+    parser.add_argument("--threads", type=int, default=THREADS,
+                        help="CPU threads; 1 is faster when other jobs share the cores")
     parser.add_argument("--no-card", action="store_true", help="skip the final evaluation and model card")
     args = parser.parse_args(argv)
     for stale in ("model.safetensors", "config.json", "generation_config.json"):
         (args.out / stale).unlink(missing_ok=True)
-    summary = train(args.steps, args.out, args.eval_every)
+    summary = train(args.steps, args.out, args.eval_every, args.threads)
     print(f"trained in {summary['train_seconds']} s", file=sys.stderr)
     if not args.no_card:
         from engine.demo_model.card import write_card
