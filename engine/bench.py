@@ -68,22 +68,95 @@ def memory_read_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
 
 
 def miss_path_bandwidth(loaded: LoadedModel, tokens: int = 40) -> float:
-    """Expert bytes read per second by the CPU miss path for decode tokens (random routing, every layer)."""
+    """Expert bytes read per second by the CPU miss path for decode tokens (random routing, every layer).
+
+    Runs as a decode step does: split over two cores when the runtime splits, one intra-op thread each.
+    """
     rt = loaded.runtime
     g = torch.Generator().manual_seed(0)
     top_k = loaded.info.top_k
     hidden = loaded.model.config.get_text_config().hidden_size
     steps = [[torch.randperm(rt.num_experts, generator=g)[:top_k].sort().values.numpy() for _ in rt.modules]
              for _ in range(tokens)]
-    x = torch.randn(top_k, hidden, dtype=getattr(rt.modules[0], rt.names[0]).dtype)
+    x = torch.randn(1, hidden, dtype=getattr(rt.modules[0], rt.names[0]).dtype)
+    threads = torch.get_num_threads()
+    if rt.split is not None:
+        torch.set_num_threads(1)
     best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        for step in steps:
-            for module, ids in zip(rt.modules, step):
-                expert_ffn(module, x, ids, {n: getattr(module, n) for n in rt.names})
-        best = min(best, time.perf_counter() - t)
+    try:
+        for _ in range(3):
+            t = time.perf_counter()
+            for step in steps:
+                for module, w, ids in zip(rt.modules, rt._own, step):
+                    expert_ffn(module, x, ids, w, rt.split)
+            best = min(best, time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
     return tokens * len(rt.modules) * top_k * rt.expert_bytes / best
+
+
+def scheduler_overhead(loaded: LoadedModel, prompt: list[int], new_tokens: int = 24, repeats: int = 5) -> dict:
+    """Time per MoE layer and decode step spent outside the expert matmuls: routing bookkeeping, policy,
+    cache decisions, telemetry, activation and the weighted sum.
+
+    Replays the experts calls of a real decode run twice: through the runtime, and as bare matmuls
+    (one `x @ w` per routed expert and matrix, nothing else); the difference per call is the overhead.
+    Both run on one core (the runtime's split over two cores off) so that only bookkeeping differs.
+    """
+    rt = loaded.runtime
+    split, threads = rt.split, torch.get_num_threads()
+    rt.split = None
+    torch.set_num_threads(1)
+    try:
+        return _overhead(rt, loaded, prompt, new_tokens, repeats)
+    finally:
+        rt.split = split
+        torch.set_num_threads(threads)
+
+
+def _overhead(rt, loaded: LoadedModel, prompt: list[int], new_tokens: int, repeats: int) -> dict:
+    calls = []
+    forward = rt.experts_forward
+
+    def capture(module, h, idx, w):
+        if h.shape[0] == 1:
+            calls.append((module, h.clone(), idx.clone(), w.clone()))
+        return forward(module, h, idx, w)
+
+    rt.experts_forward = capture
+    try:
+        decode_rate(Session(loaded), prompt, new_tokens)
+    finally:
+        del rt.experts_forward
+    bare = []
+    for module, h, idx, _ in calls:
+        own = rt._own[module._moe_layer]
+        gate_width = own.mats2[0].shape[0]
+        x2 = torch.randn(1, gate_width, dtype=h.dtype)
+        bare += [(h, own.mats1[e], x2, own.mats2[e]) for e in idx.reshape(-1).tolist()]
+
+    def through_runtime():
+        for call in calls:
+            forward(*call)
+
+    def matmuls_only():
+        for x1, w1, x2, w2 in bare:
+            torch.mm(x1, w1)
+            torch.mm(x2, w2)
+
+    best = {"runtime": float("inf"), "matmuls": float("inf")}
+    for _ in range(repeats):
+        for name, fn in (("runtime", through_runtime), ("matmuls", matmuls_only)):
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    n = max(1, len(calls))
+    return {
+        "calls": len(calls),
+        "experts_forward_us": best["runtime"] / n * 1e6,
+        "matmuls_us": best["matmuls"] / n * 1e6,
+        "overhead_us": (best["runtime"] - best["matmuls"]) / n * 1e6,
+    }
 
 
 def run_bench(model: str | None, *, budget="0.25", policy="lru", new_tokens=64, rounds=3,
@@ -112,6 +185,7 @@ def run_bench(model: str | None, *, budget="0.25", policy="lru", new_tokens=64, 
         log(f"round {r}: " + ", ".join(f"{n} {best[n]:.1f} tok/s" for n in contenders) if r else "warm-up done")
     baseline = max(v for k, v in best.items() if k != "engine")
     miss_bw, mem_bw = miss_path_bandwidth(engine), memory_read_bandwidth()
+    overhead = scheduler_overhead(engine, prompt) if engine.runtime else {}
     snap = engine.runtime.snapshot() if engine.runtime else {}
     result = {
         "model": engine.info.name,
@@ -126,6 +200,8 @@ def run_bench(model: str | None, *, budget="0.25", policy="lru", new_tokens=64, 
         "miss_path_bytes_per_s": miss_bw,
         "memory_read_bytes_per_s": mem_bw,
         "miss_path_bandwidth_share": miss_bw / mem_bw,
+        "overhead_per_layer_step_us": overhead.get("overhead_us", 0.0),
+        "overhead": overhead,
     }
     if tmp is not None:
         tmp.cleanup()

@@ -60,17 +60,19 @@ class ExpertCache:
         return list(zip(layers.tolist(), experts.tolist()))
 
     # -- decisions -----------------------------------------------------------------------------
-    def _victim(self, layer: int, prio: np.ndarray) -> tuple[int, int] | None:
-        """Lowest-priority resident in the candidate's scope (never an in-flight admission)."""
-        resident = self.slot_of >= 0
+    def _resident_priorities(self, layer: int, prio: np.ndarray) -> np.ndarray:
+        """Flat priorities of the residents that may be evicted for `layer` (inf elsewhere, and for
+        in-flight admissions): the row of the layer, or every layer when pooled."""
         if self.scope == "per_layer":
-            row = np.where(resident[layer], prio[layer], np.inf)
-            e = int(np.argmin(row))
-            return (layer, e) if np.isfinite(row[e]) else None
-        masked = np.where(resident, prio, np.inf)
-        flat = int(np.argmin(masked))
-        l, e = divmod(flat, self.num_experts)
-        return (l, e) if np.isfinite(masked[l, e]) else None
+            return np.where(self.slot_of[layer] >= 0, prio[layer], np.inf)
+        return np.where(self.slot_of >= 0, prio, np.inf).reshape(-1)
+
+    def _victim(self, layer: int, masked: np.ndarray) -> tuple[tuple[int, int], int] | None:
+        """The weakest resident in `masked` as ((layer, expert), flat index), or None."""
+        i = int(np.argmin(masked))
+        if not np.isfinite(masked[i]):
+            return None
+        return ((layer, i) if self.scope == "per_layer" else divmod(i, self.num_experts)), i
 
     def _has_room(self, layer: int) -> bool:
         used = self.used[layer] if self.scope == "per_layer" else self.used.sum()
@@ -98,9 +100,52 @@ class ExpertCache:
         """
         if limit <= 0 or self.capacity == 0 or len(experts) == 0:
             return []
-        prio = self.policy.priority(step)
-        order = experts[np.argsort(-prio[layer, experts], kind="stable")]
+        return self._place(layer, np.asarray(experts), self.policy.priority(step), limit, reserve)
+
+    def prefetch(self, layer: int, step: int, reserve: bool = False) -> list[Admission]:
+        """Copy in, ahead of `layer`'s next access, the experts the policy forecasts it will need.
+
+        At most `policy.prefetch_limit`, and no more than the forecast's expected misses (its use
+        probabilities summed over non-resident experts, rounded up): a prefetch costs a copy, so it
+        should not copy more than demand admission would. The candidates enter best first by `admit`'s
+        rules, with the layer's row of the priorities replaced by the forecast's scores, so the victim
+        in the layer is the expert least likely to be needed next (pooled: or the weakest of any layer).
+        """
+        limit = self.policy.prefetch_limit
+        if limit <= 0 or self.capacity == 0:
+            return []
+        forecast = self.policy.prefetch_scores(layer)
+        if forecast is None:
+            return []
+        scores, use = forecast
+        candidates = np.flatnonzero((use > 0) & (self.slot_of[layer] < 0) & ~self.reserved[layer])
+        limit = min(limit, int(np.ceil(use[candidates].sum() - 1e-6)))
+        if limit <= 0:
+            return []
+        prio = self.policy.priority(step).copy()
+        prio[layer] = scores
+        return self._place(layer, candidates, prio, limit, reserve)
+
+    def after_access(self, layer: int, experts: np.ndarray, missed: np.ndarray, step: int, limit: int,
+                     reserve: bool = False) -> list[Admission]:
+        """The cache's part of one MoE layer's step, after `lookup` and `policy.record`.
+
+        Admits the missed experts (at most `limit`) if the policy admits on demand, then prefetches
+        for the next access: the next layer of the same token, or after the last layer, layer 0 of
+        the next token. Returns every admission (the runtime copies them all, the simulator counts them).
+        """
         done: list[Admission] = []
+        missed = np.asarray(missed, dtype=bool)
+        if self.policy.demand_admission and missed.any():
+            done += self.admit(layer, experts[missed], step, limit, reserve)
+        return done + self.prefetch((layer + 1) % self.num_layers, step, reserve)
+
+    def _place(self, layer: int, experts: np.ndarray, prio: np.ndarray, limit: int,
+               reserve: bool) -> list[Admission]:
+        """Admit `experts` of `layer` best first by `prio` (room, or the weakest resident plus margin)."""
+        order = experts[np.argsort(-prio[layer, experts], kind="stable")] if len(experts) > 1 else experts
+        done: list[Admission] = []
+        masked = None  # computed on the first eviction; a newcomer never becomes a later victim (it outranks)
         for e in order.tolist():
             if len(done) >= limit:
                 break
@@ -108,13 +153,16 @@ class ExpertCache:
                 continue
             evicted = slot = None
             if not self._has_room(layer):
-                victim = self._victim(layer, prio)
-                if victim is None or prio[layer, e] <= prio[victim] + self.policy.admission_margin:
-                    continue
-                evicted = victim
-                slot = int(self.slot_of[victim])
-                self.slot_of[victim] = -1
-                self.used[victim[0]] -= 1
+                if masked is None:
+                    masked = self._resident_priorities(layer, prio)
+                found = self._victim(layer, masked)
+                if found is None or prio[layer, e] <= masked[found[1]] + self.policy.admission_margin:
+                    break  # the rest rank lower still
+                evicted, flat = found
+                masked[flat] = np.inf
+                slot = int(self.slot_of[evicted])
+                self.slot_of[evicted] = -1
+                self.used[evicted[0]] -= 1
             slot = self._take(layer, e, slot, reserve)
             done.append(Admission(layer, e, slot, evicted))
         return done

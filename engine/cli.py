@@ -251,6 +251,9 @@ def cmd_bench(args) -> dict:
         print(f"{'CPU miss path':>26}: {result['miss_path_bytes_per_s'] / 1e9:8.1f} GB/s = "
               f"{result['miss_path_bandwidth_share']:.0%} of memory read bandwidth "
               f"({result['memory_read_bytes_per_s'] / 1e9:.1f} GB/s, {result['threads']} threads)")
+        o = result["overhead"]
+        print(f"{'scheduler overhead':>26}: {o['overhead_us']:8.1f} us per MoE layer and decode step "
+              f"(experts forward {o['experts_forward_us']:.0f} us, bare matmuls {o['matmuls_us']:.0f} us)")
     return result
 
 
@@ -377,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--suite", default="decode", choices=["decode", "seed"])
     p.add_argument("--rounds", type=int, default=3, help="decode suite: measured rounds (best is kept)")
-    p.add_argument("--policies", default="lru", help="seed suite: comma-separated hybrid policies (e.g. lru,lfu)")
+    p.add_argument("--policies", default="lru,predictive",
+                   help="seed suite: comma-separated hybrid policies (default: the paper's LRU and our best)")
     p.add_argument("--device-profile", default="rtx3060-12gb", choices=sorted(DEVICE_PROFILES),
                    help="seed suite without a GPU: the GPU to model")
     p.add_argument("--chart", default="seed-bench.png", help="seed suite: where to save the PNG chart")

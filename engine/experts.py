@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface, _grouped_linear, grouped_mm_experts_forward
+
+from .cpu_split import SplitRunner
+
+DECODE_ROWS = 16  # up to this many (token, expert) rows a layer's CPU work is a decode step's
 
 EXPERTS_IMPLEMENTATION = "moe_chat_hybrid"
 
@@ -29,34 +32,115 @@ def expert_tensor_names(module: torch.nn.Module) -> list[str]:
     return names
 
 
-# torch >= 2.11 has a CPU grouped_mm kernel that needs no alignment: call it directly, skipping the
-# per-call capability checks of transformers' wrapper (they cost more than a small expert's matmul).
-_DIRECT_CPU_GROUPED_MM = hasattr(F, "grouped_mm") and tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 11)
+class ExpertWeights:
+    """One layer's stacked expert tensors (the module's own, or cache slots), ready for the matmuls.
 
-
-def _grouped_linear_fast(x, weight, offsets, bias, is_transposed: bool) -> torch.Tensor:
-    if x.device.type == "cpu" and _DIRECT_CPU_GROUPED_MM:
-        out = F.grouped_mm(x.to(weight.dtype), weight if is_transposed else weight.transpose(-2, -1), offs=offsets)
-        return out if bias is None else out.add_(bias)
-    return _grouped_linear(x, weight, offsets, bias=bias, is_transposed=is_transposed)
-
-
-def expert_ffn(module: torch.nn.Module, x: torch.Tensor, groups: np.ndarray, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Run the rows of `x` through the experts stored in `tensors`; `groups` (sorted) says which.
-
-    `tensors` holds either a module's own stacked weights (groups = experts) or cache slots
-    (groups = slots): the same code computes hits and misses, so the two give identical numbers.
+    On the CPU each expert's matrices are kept as views in the orientation `x @ w` wants, so the hot
+    path does no per-call reshaping; making them costs nothing (views) and happens once per tensor set.
     """
-    first = "gate_up_proj" if module.has_gate else "up_proj"
-    w1, w2 = tensors[first], tensors["down_proj"]
-    counts = np.bincount(groups, minlength=w1.shape[0])
-    offsets = torch.from_numpy(np.cumsum(counts, dtype=np.int32)).to(w1.device)
-    rows = torch.from_numpy(groups).to(w1.device) if module.has_bias else None
-    h = _grouped_linear_fast(x, w1, offsets, tensors[first + "_bias"][rows] if rows is not None else None,
-                             module.is_transposed)
+
+    def __init__(self, module: torch.nn.Module, tensors: dict[str, torch.Tensor]):
+        first = "gate_up_proj" if module.has_gate else "up_proj"
+        self.w1, self.w2 = tensors[first], tensors["down_proj"]
+        self.b1 = tensors.get(first + "_bias") if module.has_bias else None
+        self.b2 = tensors.get("down_proj_bias") if module.has_bias else None
+        self.is_transposed = module.is_transposed
+        self.cpu = self.w1.device.type == "cpu"
+        if self.cpu:  # [in, out] per expert
+            self.mats1 = list(self.w1.unbind(0) if self.is_transposed else self.w1.transpose(1, 2).unbind(0))
+            self.mats2 = list(self.w2.unbind(0) if self.is_transposed else self.w2.transpose(1, 2).unbind(0))
+
+
+def _group_runs(groups: np.ndarray) -> tuple[list[int], list[int]]:
+    """(group, row count) of each run of equal values, in order."""
+    if len(groups) <= DECODE_ROWS:  # plain Python beats numpy's per-call cost
+        ids: list[int] = []
+        sizes: list[int] = []
+        for g in groups.tolist():
+            if ids and ids[-1] == g:
+                sizes[-1] += 1
+            else:
+                ids.append(g)
+                sizes.append(1)
+        return ids, sizes
+    starts = np.flatnonzero(groups[1:] != groups[:-1]) + 1
+    bounds = [0, *starts.tolist(), len(groups)]
+    return groups[bounds[:-1]].tolist(), np.diff(bounds).tolist()
+
+
+def _per_group(parts: list[torch.Tensor], mats: list[torch.Tensor], ids: list[int]) -> torch.Tensor:
+    """One matmul per group present. The CPU grouped_mm kernel loops over every expert, used or not,
+    which for a decode token costs more than the matmuls themselves."""
+    out = [torch.mm(x, mats[g]) for x, g in zip(parts, ids)]
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def _cpu_ffn(module: torch.nn.Module, x: torch.Tensor, ids: list[int], sizes: list[int], groups: np.ndarray,
+             weights: ExpertWeights) -> torch.Tensor:
+    h = _per_group([x] * len(ids) if x.shape[0] == 1 else x.split(sizes), weights.mats1, ids)
+    h = h if weights.b1 is None else h.add_(weights.b1[torch.from_numpy(groups)])
     h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
-    return _grouped_linear_fast(h, w2, offsets, tensors["down_proj_bias"][rows] if rows is not None else None,
-                                module.is_transposed)
+    y = _per_group(h.split(sizes), weights.mats2, ids)
+    return y if weights.b2 is None else y.add_(weights.b2[torch.from_numpy(groups)])
+
+
+def expert_ffn(module: torch.nn.Module, x: torch.Tensor, groups: np.ndarray, weights: ExpertWeights,
+               split: SplitRunner | None = None) -> torch.Tensor:
+    """Run the rows of `x` through the experts in `weights`; `groups` says which, one per row.
+
+    `weights` holds either a module's own stacked tensors (groups = experts) or cache slots (groups =
+    slots): the same code computes hits and misses, so the two give identical numbers. Rows of one
+    group must be contiguous (on the fast device: sorted by group). A single row of `x` is shared by
+    every group (a decode token). On the CPU, `split` runs half of a decode step's experts on a second core.
+    """
+    if weights.cpu:
+        ids, sizes = _group_runs(groups)
+        x = x.to(weights.w1.dtype)
+        if split is None or len(ids) < 2 or len(groups) > DECODE_ROWS:
+            return _cpu_ffn(module, x, ids, sizes, groups, weights)
+        half = len(ids) // 2
+        rows = sum(sizes[:half])
+        parts = [(ids[:half], sizes[:half], groups[:rows]), (ids[half:], sizes[half:], groups[rows:])]
+        xs = [x, x] if x.shape[0] == 1 else x.split([rows, len(groups) - rows])
+        here, there = split.run(lambda i: _cpu_ffn(module, xs[i], *parts[i], weights), 0, 1)
+        return torch.cat([here, there])
+    if x.shape[0] == 1:
+        x = x.expand(len(groups), -1)
+    counts = np.bincount(groups, minlength=weights.w1.shape[0])
+    offsets = torch.from_numpy(np.cumsum(counts, dtype=np.int32)).to(weights.w1.device)
+    rows = torch.from_numpy(groups).to(weights.w1.device) if weights.b1 is not None else None
+    h = _grouped_linear(x, weights.w1, offsets, bias=None if rows is None else weights.b1[rows],
+                        is_transposed=weights.is_transposed)
+    h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
+    return _grouped_linear(h, weights.w2, offsets, bias=None if rows is None else weights.b2[rows],
+                           is_transposed=weights.is_transposed)
+
+
+def _weighted_sum(module: torch.nn.Module, x: torch.Tensor, experts: list[int], gates: list[float],
+                  weights: ExpertWeights) -> torch.Tensor:
+    h = _per_group([x] * len(experts), weights.mats1, experts)
+    rows = (module._apply_gate(h) if module.has_gate else module.act_fn(h)).split(1)
+    out = torch.mm(rows[0], weights.mats2[experts[0]]).mul_(gates[0])
+    for row, e, g in zip(rows[1:], experts[1:], gates[1:]):
+        out.addmm_(row, weights.mats2[e], alpha=g)
+    return out
+
+
+def expert_ffn_combined(module: torch.nn.Module, x: torch.Tensor, experts: list[int], gates: list[float],
+                        weights: ExpertWeights, split: SplitRunner | None = None) -> torch.Tensor:
+    """sum_i gates[i] * expert_i(x) for one token `x` [1, hidden] on the CPU: the decode step.
+
+    The routing weights ride on the down projections' matmuls (`alpha` of addmm), so the per-expert
+    outputs are never stacked, scaled and summed: three fewer kernels per layer, each of which costs
+    about as much as the bookkeeping of the whole layer. With `split`, each core sums half the experts.
+    For unbiased experts without post-expert norm.
+    """
+    if split is None or len(experts) < 2:
+        return _weighted_sum(module, x, experts, gates, weights)
+    half = len(experts) // 2
+    parts = [(experts[:half], gates[:half]), (experts[half:], gates[half:])]
+    here, there = split.run(lambda i: _weighted_sum(module, x, *parts[i], weights), 0, 1)
+    return here.add_(there)
 
 
 def hybrid_experts_forward(

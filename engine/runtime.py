@@ -18,7 +18,8 @@ import torch
 from .cache import Admission, ExpertCache
 from .cost_model import CostModel, calibrate_cpu, calibrate_cuda
 from .errors import ModelError
-from .experts import expert_ffn, expert_tensor_names
+from .cpu_split import SplitRunner, split_linears
+from .experts import ExpertWeights, expert_ffn, expert_ffn_combined, expert_tensor_names
 from .policies import make_policy
 from .telemetry import Telemetry, peak_rss_bytes, rss_bytes
 from .units import resolve_budget
@@ -63,6 +64,15 @@ class HybridRuntime:
         for i, m in enumerate(experts_modules):
             m._moe_layer = i
             m._moe_runtime = self
+        self._own = [ExpertWeights(m, {n: getattr(m, n) for n in self.names}) for m in experts_modules]
+        # decode on the CPU with plain float32 experts: the fused path of `expert_ffn_combined`
+        # a decode step's CPU experts split over two cores (MKL gives a one-token matmul only one)
+        self.threads = torch.get_num_threads()
+        self.split: SplitRunner | None = SplitRunner() if self.threads > 1 else None
+        # with everything on the CPU, a decode step's dense one-row matmuls split over the cores as well
+        self._split_linears = split_linears(model, self.split) if self.split is not None and self.logical else []
+        self._combined_decode = (self.logical and not first.has_bias and not first.has_post_expert_norm
+                                 and getattr(first, self.names[0]).dtype == torch.float32)
 
         cpu_bw, cpu_flops = calibrate_cpu(w)
         self.cost = CostModel(cpu_bw, cpu_flops, calibrate_cuda(w, self.device) if self.device.type == "cuda" else None)
@@ -81,6 +91,7 @@ class HybridRuntime:
         self.policy = make_policy(policy, self.num_layers, self.num_experts, profile)
         self.cache = ExpertCache(self.num_layers, self.num_experts, self.policy, 0, scope)
         self.slots: dict[str, torch.Tensor] = {}
+        self._slot_weights: ExpertWeights | None = None
         self.budget_bytes = 0
         self._peak_fast = 0
         self._apply_budget(min(resolve_budget(budget, self.expert_bytes_total), self.max_budget_bytes))
@@ -171,7 +182,13 @@ class HybridRuntime:
             h.remove()
         for m in self.modules:
             m._moe_runtime = None
+        for linear in self._split_linears:
+            del linear.forward  # back to nn.Linear.forward
+        self._split_linears = []
+        if self.split is not None:
+            self.split.close()
         self.slots = {}
+        self._slot_weights = None
 
     # -- step boundaries -------------------------------------------------------------------------
     def _pre_forward(self, module, args, kwargs):
@@ -186,11 +203,18 @@ class HybridRuntime:
             self._step_lock.release()
             raise
         self.step += 1
-        self.telemetry.begin_step(int(ids.shape[1]) if ids is not None and ids.dim() >= 2 else 1)
+        tokens = int(ids.shape[1]) if ids is not None and ids.dim() >= 2 else 1
+        self.telemetry.begin_step(tokens)
+        if self.split is not None and tokens == 1:
+            # a decode step's matmuls are one-token and run on one core whatever the thread count, while
+            # idle OpenMP workers would spin on the core the split wants: one intra-op thread, split experts
+            torch.set_num_threads(1)
 
     def _post_forward(self, module, args, output):
         try:
             self.telemetry.end_step()
+            if self.split is not None:
+                torch.set_num_threads(self.threads)
         finally:
             self._step_lock.release()
 
@@ -227,6 +251,7 @@ class HybridRuntime:
             for n in self.names:
                 self.slots[n][dst] = old[n][src]
         del old
+        self._slot_weights = ExpertWeights(self.modules[0], self.slots)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.memory()
@@ -285,6 +310,8 @@ class HybridRuntime:
     def experts_forward(self, module, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         layer = module._moe_layer
         tokens, top_k = top_k_index.shape
+        if self._pending:  # prefetches for this layer may have landed since the step began
+            self._land_copies(wait=False)
         ids_np = top_k_index.reshape(-1).cpu().numpy()
         if self.recorder is not None:
             self.recorder(layer, ids_np.reshape(tokens, top_k), top_k_weights.detach().float().cpu().numpy())
@@ -302,24 +329,30 @@ class HybridRuntime:
             fetched = self._fetch_now(layer, experts, counts, slots, missed, step)
             missed &= ~fetched
 
-        out = self._compute(module, hidden_states, ids_np, slots[inverse], layer)
+        if tokens == 1 and self._combined_decode and hidden_states.dtype == top_k_weights.dtype == torch.float32:
+            t0 = time.perf_counter()
+            final = expert_ffn_combined(module, hidden_states, ids_np.tolist(), top_k_weights.view(-1).tolist(),
+                                        self._own[layer], self.split)
+            self.telemetry.times["cpu_time_s"][layer] += time.perf_counter() - t0
+        else:
+            out = self._compute(module, hidden_states, ids_np, slots[inverse], layer)
+            if module.has_post_expert_norm:
+                out = module.post_expert_norm(out)
+            out = out * top_k_weights.reshape(-1, 1)
+            final = out.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
-        if module.has_post_expert_norm:
-            out = module.post_expert_norm(out)
-        out = out * top_k_weights.reshape(-1, 1)
-        final = out.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
-
-        n_miss = int(counts[missed].sum())
+        n_miss = int(np.count_nonzero(missed)) if tokens == 1 else int(counts[missed].sum())
         n_fetch = int(counts[fetched].sum()) if fetched is not None else 0
         tel = self.telemetry.counts
         tel["hits"][layer] += ids_np.size - n_miss - n_fetch
         tel["misses"][layer] += n_miss
         tel["fetches"][layer] += n_fetch
-        if missed.any():
-            limit = self.admissions_per_layer or top_k
-            admitted = self.cache.admit(layer, experts[missed], step, limit, reserve=self._side_stream is not None)
+        # demand admissions, then the policy's prefetch for the next layer (or the next token's first)
+        limit = self.admissions_per_layer or top_k
+        admitted = self.cache.after_access(layer, experts, missed, step, limit, reserve=self._side_stream is not None)
+        if admitted:
             self._copy_in(admitted, sync=False)
-            self._count_admissions(layer, admitted)
+            self._count_admissions(admitted)
         return final
 
     @staticmethod
@@ -347,29 +380,35 @@ class HybridRuntime:
             return fetched
         admitted = self.cache.admit(layer, experts[want], step, limit=int(want.sum()))
         self._copy_in(admitted, sync=True)
-        self._count_admissions(layer, admitted)
+        self._count_admissions(admitted)
         index = {e: i for i, e in enumerate(experts.tolist())}
         for a in admitted:
             slots[index[a.expert]] = a.slot
             fetched[index[a.expert]] = True
         return fetched
 
-    def _count_admissions(self, layer: int, admitted: list[Admission]) -> None:
-        tel = self.telemetry
-        tel.counts["evictions"][layer] += sum(a.evicted is not None for a in admitted)
-        tel.counts["bytes_copied"][layer] += len(admitted) * self.expert_bytes
+    def _count_admissions(self, admitted: list[Admission]) -> None:
+        counts = self.telemetry.counts
+        for a in admitted:  # a prefetch belongs to the layer it was copied for
+            counts["evictions"][a.layer] += a.evicted is not None
+            counts["bytes_copied"][a.layer] += self.expert_bytes
 
-    def _rows(self, module, hidden_states, top_k: int, pairs: np.ndarray, groups: np.ndarray, tensors) -> torch.Tensor:
+    def _rows(self, module, hidden_states, top_k: int, pairs: np.ndarray, groups: np.ndarray,
+              weights: ExpertWeights) -> torch.Tensor:
         """Expert outputs of the (token, expert) `pairs`, which are sorted by their `groups`."""
         x = hidden_states[torch.from_numpy(pairs // top_k).to(hidden_states.device)]
-        return expert_ffn(module, x, groups, tensors)
+        return expert_ffn(module, x, groups, weights, self.split)
 
     def _compute(self, module, hidden_states, ids_np: np.ndarray, pair_slots: np.ndarray, layer: int) -> torch.Tensor:
         """Per (token, expert) pair outputs, before routing weights, in the original pair order."""
         top_k = ids_np.size // hidden_states.shape[0]
         times = self.telemetry.times
-        own = {n: getattr(module, n) for n in self.names}
+        own = self._own[layer]
         t0 = time.perf_counter()
+        if self.logical and hidden_states.shape[0] == 1:  # decode: the top-k experts are distinct, no sorting
+            rows = expert_ffn(module, hidden_states, ids_np, own, self.split)
+            times["cpu_time_s"][layer] += time.perf_counter() - t0
+            return rows
         if self.logical:  # every pair runs from the CPU weights; hits and misses differ only in the counters
             order = np.argsort(ids_np, kind="stable")
             rows = self._rows(module, hidden_states, top_k, order, ids_np[order], own)
@@ -383,7 +422,7 @@ class HybridRuntime:
         misses = misses[np.argsort(ids_np[misses], kind="stable")]
         parts = []
         if hits.size:  # launched first: on CUDA it runs while the CPU works on the misses
-            parts.append(self._rows(module, hidden_states, top_k, hits, pair_slots[hits], self.slots))
+            parts.append(self._rows(module, hidden_states, top_k, hits, pair_slots[hits], self._slot_weights))
         t1 = time.perf_counter()
         times["device_time_s"][layer] += t1 - t0
         if misses.size:
@@ -402,7 +441,7 @@ class HybridRuntime:
         """The offload baseline of the seed paper: copy each missed expert in, use it once, drop it."""
         t0 = time.perf_counter()
         used = np.unique(experts)
-        scratch = {n: getattr(module, n)[torch.from_numpy(used)].to(self.device) for n in self.names}
+        scratch = ExpertWeights(module, {n: getattr(module, n)[torch.from_numpy(used)].to(self.device) for n in self.names})
         rows = self._rows(module, hidden_states, top_k, pairs, np.searchsorted(used, experts), scratch)
         self.telemetry.counts["bytes_copied"][layer] += len(used) * self.expert_bytes
         self.telemetry.times["device_time_s"][layer] += time.perf_counter() - t0

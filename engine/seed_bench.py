@@ -115,7 +115,7 @@ def model_gpu_token(kind: str, run: DecodeRun, cpu: DecodeRun, dense_bytes: int,
     return token
 
 
-def run_seed_suite(model: str | None, *, budget: float = 0.25, policies: tuple[str, ...] = ("lru",),
+def run_seed_suite(model: str | None, *, budget: float = 0.25, policies: tuple[str, ...] = ("lru", "predictive"),
                    device_profile: str = "rtx3060-12gb", new_tokens: int = 24, prompt_count: int = 3,
                    sweep: tuple[float, ...] = SWEEP, log=print) -> dict:
     from .bench import synthetic_model

@@ -1,4 +1,5 @@
-"""Counters and timers cheap enough to leave on: numpy arrays bumped once per layer and step."""
+"""Counters and timers cheap enough to leave on: plain Python lists bumped once per layer and step
+(a numpy element update costs ten times more, and the hot path makes several per layer)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import psutil
 
 COUNTERS = ("hits", "misses", "fetches", "evictions", "bytes_copied")
@@ -33,8 +33,8 @@ class Telemetry:
         self.reset()
 
     def reset(self) -> None:
-        self.counts = {k: np.zeros(self.num_layers, dtype=np.int64) for k in COUNTERS}
-        self.times = {k: np.zeros(self.num_layers, dtype=np.float64) for k in TIMERS}
+        self.counts = {k: [0] * self.num_layers for k in COUNTERS}
+        self.times = {k: [0.0] * self.num_layers for k in TIMERS}
         self.steps = 0
         # (tokens, seconds) of the most recent forward of each kind; rates are shown per latest step
         self.prefill = [0, 0.0]
@@ -74,7 +74,7 @@ class Telemetry:
         return rows
 
     def totals(self) -> dict:
-        hits, misses, fetches = (int(self.counts[k].sum()) for k in ("hits", "misses", "fetches"))
+        hits, misses, fetches = (sum(self.counts[k]) for k in ("hits", "misses", "fetches"))
         accesses = hits + misses + fetches
         return {
             "steps": self.steps,

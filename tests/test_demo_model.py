@@ -83,18 +83,17 @@ def test_answers_held_out_prompts(stock):
     sample = [ex for f in FAMILIES for ex in [e for e in examples if e.family == f][:8]]
     replies = greedy_batch(model, tokenizer, [ex.prompt for ex in sample])
     wrong = [(ex.prompt, ex.reply, got) for ex, got in zip(sample, replies) if got != ex.reply]
-    assert len(wrong) <= 0.2 * len(sample), wrong
+    assert len(wrong) <= 0.15 * len(sample), wrong
 
 
-def test_recorded_scores_hold_the_floor(manifest):
-    # The goal is 0.9 overall; the shipped model records 0.887 (see its card), so this guards
-    # against regressions below that rather than claiming the goal.
+def test_recorded_scores_meet_the_goal(manifest):
+    # the full evaluation takes a while, so the card's numbers are checked here and a sample is rerun above
     ev = manifest["evaluation"]
-    assert ev["accuracy"] >= 0.85
+    assert ev["accuracy"] >= 0.9 and ev["n"] >= 300
     assert min(ev["per_family"].values()) >= 0.75
     routing = ev["routing"]
-    assert routing["lru_hit_rate"] > routing["uniform_hit_rate"]
-    assert routing["static_hit_rate"] > routing["uniform_hit_rate"]
+    assert routing["uniform_hit_rate"] == 0.25
+    assert routing["lru_hit_rate"] >= 0.4 and routing["static_hit_rate"] >= 0.5  # clearly above a uniform router
 
 
 def test_loads_through_the_engine():

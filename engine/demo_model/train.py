@@ -24,7 +24,7 @@ from engine.demo_model.corpus import SEED, Example, TrainStream, held_out_exampl
 from engine.demo_model.tokenizer import build_tokenizer
 
 THREADS = 2
-STEPS = 2400
+STEPS = 3000
 ROWS = 24          # rows per batch
 ROW_LEN = 128      # tokens per row, filled with whole exchanges
 PEAK_LR = 3e-3

@@ -10,12 +10,12 @@ from engine.policies import POLICIES, make_policy
 
 
 def access(cache: ExpertCache, layer: int, experts: list[int], step: int, limit: int = 8) -> list[bool]:
-    """One step of one layer as the runtime does it: look up, record, admit the misses."""
+    """One step of one layer as the runtime does it: look up, record, admit the misses, prefetch."""
     e = np.array(experts)
-    hits = (cache.lookup(layer, e) >= 0).tolist()
+    hits = cache.lookup(layer, e) >= 0
     cache.policy.record(layer, e, np.ones(len(e)), step)
-    cache.admit(layer, e[~np.array(hits)], step, limit)
-    return hits
+    cache.after_access(layer, e, ~hits, step, limit)
+    return hits.tolist()
 
 
 def test_lru_evicts_least_recent():
@@ -106,7 +106,7 @@ def test_unknown_policy_is_a_clear_error():
 def test_predictive_learns_a_cycle_that_defeats_lru():
     # A B C A B C ... with two slots: LRU always evicts the expert needed next (no hits at all). The
     # predictive policy sees that what follows a token routed like this one is the one used two steps
-    # ago, keeps A and B and lets C run on the CPU: close to the optimum's 2 hits in 3.
+    # ago and prefetches it at the end of each step: more than the demand optimum's 2 hits in 3.
     caches = {name: ExpertCache(1, 6, make_policy(name, 1, 6), capacity=2) for name in ("lru", "predictive")}
     hits = {name: 0 for name in caches}
     for step in range(1, 61):
@@ -114,7 +114,7 @@ def test_predictive_learns_a_cycle_that_defeats_lru():
             h = access(cache, 0, [(step - 1) % 3], step)[0]
             hits[name] += h and step > 30
     assert hits["lru"] == 0
-    assert hits["predictive"] >= 16  # of 30 counted accesses; the optimum gets 20
+    assert hits["predictive"] >= 25  # of 30 counted accesses; the optimum without prefetch gets 20
 
 
 def test_predictive_scores_compare_across_layers_and_survive_prefill_steps():

@@ -62,6 +62,23 @@ def test_same_greedy_tokens_as_transformers(tiny_model_factory, arch, device, fo
                 assert snap["hits"] > 0
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("force_slots", [False, True], ids=["logical", "slots"])
+def test_cpu_experts_split_over_two_threads(tiny_model_factory, arch, force_slots):
+    """The decode step's CPU experts split between two threads (on when torch has 2+ threads)."""
+    from engine.cpu_split import SplitRunner
+
+    path = tiny_model_factory(arch)
+    loaded = load_model(path, device="cpu", budget=0.3, force_slots=force_slots, profile=None)
+    rt = loaded.runtime
+    rt.split = SplitRunner()
+    try:
+        assert engine_tokens(Session(loaded)) == reference_tokens(path)
+    finally:
+        rt.close()
+    assert not rt.split._thread.is_alive()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "deepseek_v2"])
 def test_budget_changed_mid_generation(tiny_model_factory, arch, device):

@@ -57,3 +57,6 @@ def test_decode_bench_json(tiny_model, capsys):
     assert set(out["decode_tokens_per_s"]) == {"engine", "transformers[grouped_mm]", "transformers[eager]"}
     assert out["same_tokens"] is True and out["ratio_vs_best_stock"] > 0
     assert 0 < out["miss_path_bandwidth_share"] and out["memory_read_bytes_per_s"] > 0
+    o = out["overhead"]
+    assert o["calls"] == 23 * 3  # decode steps after the first token x MoE layers of the tiny model
+    assert o["experts_forward_us"] > o["matmuls_us"] > 0

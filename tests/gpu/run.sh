@@ -25,7 +25,7 @@ for b in 0 0.25 0.5 1; do
   timeout 120 python -m engine generate --model "$OUT/synthetic" --prompt-ids 1,2,3,4,5,6,7,8 --max-new-tokens 48 \
     --device cuda --budget "$b" --json > "$OUT/generate-$b.json" 2>/dev/null || true
 done
-timeout 300 python -m engine bench --suite seed --model "$OUT/synthetic" --policies lru,lfu,decay \
+timeout 300 python -m engine bench --suite seed --model "$OUT/synthetic" --policies lru,decay,predictive \
   --chart "$OUT/seed.png" --json > "$OUT/seed.json"
 python - "$OUT" <<'PY'
 import json, sys, glob

@@ -1,0 +1,85 @@
+"""The second CPU thread of the miss path: results in order, errors surface, the thread ends."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import pytest
+
+from engine.cpu_split import SplitRunner
+
+
+def test_runs_both_halves_and_keeps_their_order():
+    runner = SplitRunner()
+    names = []
+
+    def work(x):
+        names.append(threading.current_thread().name)
+        return x * 10
+
+    assert runner.run(work, 1, 2) == (10, 20)
+    assert set(names) == {threading.current_thread().name, "moe-chat-cpu-experts"}
+    runner.close()
+    assert not runner._thread.is_alive()
+
+
+def test_a_failure_on_either_side_is_raised_and_the_runner_stays_usable():
+    runner = SplitRunner()
+
+    def work(x):
+        if x < 0:
+            raise ValueError("bad half")
+        return x
+
+    for here, there in ((-1, 1), (1, -1)):
+        with pytest.raises(ValueError, match="bad half"):
+            runner.run(work, here, there)
+    assert runner.run(work, 3, 4) == (3, 4)
+    runner.close()
+
+
+def test_a_dropped_runner_ends_its_thread():
+    thread = SplitRunner()._thread
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+
+
+def test_split_linear_matches_linear_and_leaves_batches_alone():
+    import torch
+
+    from engine.cpu_split import SplitLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96)
+    runner = SplitRunner()
+    split = SplitLinear(linear, runner)
+    one, many = torch.randn(1, 1, 64), torch.randn(5, 64)
+    assert torch.allclose(split(one), linear(one), atol=1e-6) and split(one).shape == (1, 1, 96)
+    assert torch.equal(split(many), linear(many))  # a prompt's rows: the stock path, untouched
+    runner.close()
+
+
+def test_two_threads_split_decode_and_restore_the_thread_count(tiny_model_factory):
+    import torch
+
+    from engine import GenerationParams, Session, load_model
+    from engine.cpu_split import split_linears
+
+    path = tiny_model_factory("qwen3_moe")
+    params = GenerationParams(max_new_tokens=6, greedy=True, repetition_penalty=1.0)
+    single = Session(load_model(path, device="cpu", budget=0.3, threads=1, profile=None))
+    expected = [e.token_id for e in single.generate([5, 6, 7, 8], params)]
+    loaded = load_model(path, device="cpu", budget=0.3, threads=2, profile=None)
+    rt = loaded.runtime
+    try:
+        assert rt.split is not None and torch.get_num_threads() == 2
+        linears = split_linears(loaded.model, rt.split, min_bytes=0)  # tiny layers: split them all here
+        rt._split_linears += linears
+        assert [e.token_id for e in Session(loaded).generate([5, 6, 7, 8], params)] == expected
+        assert torch.get_num_threads() == 2  # a decode step's single thread is given back after the step
+    finally:
+        rt.close()
+        torch.set_num_threads(1)
+    assert all("forward" not in vars(m) for m in linears)
