@@ -65,12 +65,12 @@ class HybridRuntime:
             m._moe_layer = i
             m._moe_runtime = self
         self._own = [ExpertWeights(m, {n: getattr(m, n) for n in self.names}) for m in experts_modules]
-        # decode on the CPU with plain float32 experts: the fused path of `expert_ffn_combined`
         # a decode step's CPU experts split over two cores (MKL gives a one-token matmul only one)
         self.threads = torch.get_num_threads()
         self.split: SplitRunner | None = SplitRunner() if self.threads > 1 else None
-        # with everything on the CPU, a decode step's dense one-row matmuls split over the cores as well
+        # with everything on the CPU, a decode step's large one-row matmuls split over the cores as well
         self._split_linears = split_linears(model, self.split) if self.split is not None and self.logical else []
+        # decode on the CPU with plain float32 experts: the fused path of `expert_ffn_combined`
         self._combined_decode = (self.logical and not first.has_bias and not first.has_post_expert_norm
                                  and getattr(first, self.names[0]).dtype == torch.float32)
 
