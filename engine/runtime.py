@@ -16,7 +16,7 @@ import psutil
 import torch
 
 from .cache import Admission, ExpertCache
-from .cost_model import CostModel, calibrate_cpu, calibrate_cuda
+from .cost_model import CostModel, calibrate_cpu, calibrate_cuda, one_row_thread_speedup
 from .errors import ModelError
 from .cpu_split import SplitRunner, split_linears
 from .experts import ExpertWeights, expert_ffn, expert_ffn_combined, expert_tensor_names
@@ -65,9 +65,12 @@ class HybridRuntime:
             m._moe_layer = i
             m._moe_runtime = self
         self._own = [ExpertWeights(m, {n: getattr(m, n) for n in self.names}) for m in experts_modules]
-        # a decode step's CPU experts split over two cores (MKL gives a one-token matmul only one)
+        # a decode step's CPU experts split over two cores, where MKL gives a one-token matmul only one
+        # (measured: big matrices on many cores may be better left to MKL's own threads)
         self.threads = torch.get_num_threads()
-        self.split: SplitRunner | None = SplitRunner() if self.threads > 1 else None
+        self.split: SplitRunner | None = None
+        if self.threads > 1 and one_row_thread_speedup(w) < 1.3:
+            self.split = SplitRunner()
         # with everything on the CPU, a decode step's large one-row matmuls split over the cores as well
         self._split_linears = split_linears(model, self.split) if self.split is not None and self.logical else []
         # decode on the CPU with plain float32 experts: the fused path of `expert_ffn_combined`
