@@ -61,11 +61,13 @@ def test_split_linear_matches_linear_and_leaves_batches_alone():
     runner.close()
 
 
-def test_two_threads_split_decode_and_restore_the_thread_count(tiny_model_factory):
+def test_two_threads_split_decode_and_restore_the_thread_count(tiny_model_factory, monkeypatch):
     import torch
 
-    from engine import GenerationParams, Session, load_model
+    from engine import GenerationParams, Session, load_model, runtime
     from engine.cpu_split import split_linears
+
+    monkeypatch.setattr(runtime, "one_row_thread_speedup", lambda w: 1.0)  # as MKL measures on 2 cores here
 
     path = tiny_model_factory("qwen3_moe")
     params = GenerationParams(max_new_tokens=6, greedy=True, repetition_penalty=1.0)
@@ -83,3 +85,16 @@ def test_two_threads_split_decode_and_restore_the_thread_count(tiny_model_factor
         rt.close()
         torch.set_num_threads(1)
     assert all("forward" not in vars(m) for m in linears)
+
+
+def test_no_split_where_more_threads_speed_up_a_one_row_matmul(tiny_model_factory, monkeypatch):
+    import torch
+
+    from engine import load_model, runtime
+
+    monkeypatch.setattr(runtime, "one_row_thread_speedup", lambda w: 1.8)  # MKL threads its GEMV: leave it be
+    try:
+        loaded = load_model(tiny_model_factory("qwen3_moe"), device="cpu", threads=2, profile=None)
+        assert loaded.runtime.split is None
+    finally:
+        torch.set_num_threads(1)
