@@ -1,9 +1,9 @@
-"""A second CPU thread for the miss path: one token's experts, split between two cores.
+"""Worker threads for the miss path: one token's experts, split across cores.
 
 MKL runs a one-token matmul on a single core whatever torch's thread count (measured on this project's
-2-core machine: 2 threads gave nothing over 1), so with several experts per token the other core idles
-while memory bandwidth is left unused. Splitting the experts between the caller and this thread uses
-it: torch releases the GIL inside each kernel, so the two halves really run at once.
+2-core machine: 2 threads gave nothing over 1), so with several experts per token the other cores idle
+while memory bandwidth is left unused. Splitting the experts between the caller and these threads
+uses them: torch releases the GIL inside each kernel, so the parts really run at once.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import weakref
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -29,37 +29,64 @@ def _serve(jobs: queue.SimpleQueue, done: queue.SimpleQueue) -> None:
             done.put((False, exc))
 
 
-def _stop(jobs: queue.SimpleQueue, thread: threading.Thread) -> None:
-    jobs.put(None)
-    thread.join(timeout=5)
+def _stop(workers: list[tuple[queue.SimpleQueue, queue.SimpleQueue, threading.Thread]]) -> None:
+    for jobs, _, _ in workers:
+        jobs.put(None)
+    for _, _, thread in workers:
+        thread.join(timeout=5)
 
 
 class SplitRunner:
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._done: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=_serve, args=(self._jobs, self._done),
-                                        name="moe-chat-cpu-experts", daemon=True)
-        self._thread.start()
-        self._finalizer = weakref.finalize(self, _stop, self._jobs, self._thread)  # on close, drop or exit
+    """`workers` threads that, with the caller, compute the parts of one step at the same time."""
 
-    def run(self, fn: Callable[[T], R], here: T, there: T) -> tuple[R, R]:
-        """(fn(here), fn(there)), the second computed on the worker thread at the same time."""
-        self._jobs.put((fn, there))
+    def __init__(self, workers: int = 1) -> None:
+        self._workers = []
+        for i in range(max(1, workers)):
+            jobs, done = queue.SimpleQueue(), queue.SimpleQueue()
+            thread = threading.Thread(target=_serve, args=(jobs, done), name=f"moe-chat-cpu-experts-{i}", daemon=True)
+            thread.start()
+            self._workers.append((jobs, done, thread))
+        self.ways = len(self._workers) + 1  # parts one call can run at once, the caller's included
+        self._finalizer = weakref.finalize(self, _stop, self._workers)  # on close, drop or exit
+
+    def run(self, fn: Callable[[T], R], parts: Sequence[T]) -> list[R]:
+        """[fn(p) for p in parts], the first here and each other on a worker, all at once."""
+        if len(parts) > self.ways:
+            raise ValueError(f"{len(parts)} parts for {self.ways} ways")
+        busy = self._workers[:len(parts) - 1]
+        for (jobs, _, _), part in zip(busy, parts[1:]):
+            jobs.put((fn, part))
+        results, error = [], None
         try:
-            mine = fn(here)
-        finally:
-            ok, theirs = self._done.get()  # always collected, so a failure never leaves a stale result
-        if not ok:
-            raise theirs
-        return mine, theirs
+            results.append(fn(parts[0]))
+        except BaseException as exc:
+            error = exc
+        for _, done, _ in busy:  # always collected, so a failure never leaves a stale result
+            ok, value = done.get()
+            results.append(value)
+            if not ok and error is None:
+                error = value
+        if error is not None:
+            raise error
+        return results
 
     def close(self) -> None:
         self._finalizer()
 
 
+def cuts(n: int, ways: int) -> list[int]:
+    """Bounds that cut `n` items into at most `ways` contiguous, nearly equal, non-empty runs."""
+    k = max(1, min(ways, n))
+    return [n * i // k for i in range(k + 1)]
+
+
+def chunks(items: list, ways: int) -> list[list]:
+    bounds = cuts(len(items), ways)
+    return [items[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
 class SplitLinear:
-    """A CPU `nn.Linear`'s forward that computes a single row's output in two halves, one per core.
+    """A CPU `nn.Linear`'s forward that computes a single row's output in column blocks, one per core.
 
     Installed as the module's instance `forward` (the class and the modeling code stay untouched);
     anything but one row (a prompt's prefill) goes to the stock `F.linear`, whose GEMM uses all threads.
@@ -68,25 +95,24 @@ class SplitLinear:
     def __init__(self, module: torch.nn.Linear, runner: SplitRunner):
         self.module = module
         self.runner = runner
-        half = module.out_features // 2
         wt = module.weight.t()  # [in, out]: row-major when the loader stored the weight column-major
-        self.halves = (wt[:, :half], wt[:, half:])
+        bounds = cuts(module.out_features, runner.ways)
+        self.blocks = [wt[:, a:b] for a, b in zip(bounds, bounds[1:])]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
         if x.numel() != x.shape[-1] or torch.get_num_threads() != 1:  # not a decode step's single row
             return F.linear(x, m.weight, m.bias)
         row = x.reshape(1, -1)
-        left, right = self.runner.run(lambda w: torch.mm(row, w), *self.halves)
-        y = torch.cat([left, right], dim=1)
+        y = torch.cat(self.runner.run(lambda w: torch.mm(row, w), self.blocks), dim=1)
         if m.bias is not None:
             y.add_(m.bias)
         return y.view(*x.shape[:-1], m.out_features)
 
 
 def split_linears(model: torch.nn.Module, runner: SplitRunner, min_bytes: int = 4 * 2**20) -> list[torch.nn.Module]:
-    """Give the model's big CPU Linear layers a `SplitLinear` forward (below a few MiB, handing half the
-    work to the other thread costs more than it saves: measured on 1 MiB attention projections)."""
+    """Give the model's big CPU Linear layers a `SplitLinear` forward (below a few MiB, handing work to
+    another thread costs more than it saves: measured on 1 MiB attention projections)."""
     done = []
     for module in model.modules():
         w = getattr(module, "weight", None)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface, _grouped_linear, grouped_mm_experts_forward
 
-from .cpu_split import SplitRunner
+from .cpu_split import SplitRunner, chunks, cuts
 
 DECODE_ROWS = 16  # up to this many (token, expert) rows a layer's CPU work is a decode step's
 
@@ -91,19 +91,18 @@ def expert_ffn(module: torch.nn.Module, x: torch.Tensor, groups: np.ndarray, wei
     `weights` holds either a module's own stacked tensors (groups = experts) or cache slots (groups =
     slots): the same code computes hits and misses, so the two give identical numbers. Rows of one
     group must be contiguous (on the fast device: sorted by group). A single row of `x` is shared by
-    every group (a decode token). On the CPU, `split` runs half of a decode step's experts on a second core.
+    every group (a decode token). On the CPU, `split` spreads a decode step's experts over its cores.
     """
     if weights.cpu:
         ids, sizes = _group_runs(groups)
         x = x.to(weights.w1.dtype)
         if split is None or len(ids) < 2 or len(groups) > DECODE_ROWS:
             return _cpu_ffn(module, x, ids, sizes, groups, weights)
-        half = len(ids) // 2
-        rows = sum(sizes[:half])
-        parts = [(ids[:half], sizes[:half], groups[:rows]), (ids[half:], sizes[half:], groups[rows:])]
-        xs = [x, x] if x.shape[0] == 1 else x.split([rows, len(groups) - rows])
-        here, there = split.run(lambda i: _cpu_ffn(module, xs[i], *parts[i], weights), 0, 1)
-        return torch.cat([here, there])
+        bounds = cuts(len(ids), split.ways)  # in runs of groups; rows follow
+        rows = np.cumsum([0, *sizes]).tolist()
+        parts = [(ids[a:b], sizes[a:b], groups[rows[a]:rows[b]]) for a, b in zip(bounds, bounds[1:])]
+        xs = [x] * len(parts) if x.shape[0] == 1 else x.split([len(p[2]) for p in parts])
+        return torch.cat(split.run(lambda i: _cpu_ffn(module, xs[i], *parts[i], weights), range(len(parts))))
     if x.shape[0] == 1:
         x = x.expand(len(groups), -1)
     counts = np.bincount(groups, minlength=weights.w1.shape[0])
@@ -132,15 +131,16 @@ def expert_ffn_combined(module: torch.nn.Module, x: torch.Tensor, experts: list[
 
     The routing weights ride on the down projections' matmuls (`alpha` of addmm), so the per-expert
     outputs are never stacked, scaled and summed: three fewer kernels per layer, each of which costs
-    about as much as the bookkeeping of the whole layer. With `split`, each core sums half the experts.
+    about as much as the bookkeeping of the whole layer. With `split`, each core sums a share of the experts.
     For unbiased experts without post-expert norm.
     """
     if split is None or len(experts) < 2:
         return _weighted_sum(module, x, experts, gates, weights)
-    half = len(experts) // 2
-    parts = [(experts[:half], gates[:half]), (experts[half:], gates[half:])]
-    here, there = split.run(lambda i: _weighted_sum(module, x, *parts[i], weights), 0, 1)
-    return here.add_(there)
+    parts = list(zip(chunks(experts, split.ways), chunks(gates, split.ways)))
+    out, *rest = split.run(lambda part: _weighted_sum(module, x, *part, weights), parts)
+    for partial in rest:
+        out.add_(partial)
+    return out
 
 
 def hybrid_experts_forward(

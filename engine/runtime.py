@@ -65,12 +65,13 @@ class HybridRuntime:
             m._moe_layer = i
             m._moe_runtime = self
         self._own = [ExpertWeights(m, {n: getattr(m, n) for n in self.names}) for m in experts_modules]
-        # a decode step's CPU experts split over two cores, where MKL gives a one-token matmul only one
-        # (measured: big matrices on many cores may be better left to MKL's own threads)
+        # a decode step's CPU experts spread over the cores, where MKL gives a one-token matmul only one
+        # (measured: big matrices on many cores may be better left to MKL's own threads); past about 8
+        # cores a desktop's memory bandwidth is spent, so more ways would only add hand-over costs
         self.threads = torch.get_num_threads()
         self.split: SplitRunner | None = None
         if self.threads > 1 and one_row_thread_speedup(w) < 1.3:
-            self.split = SplitRunner()
+            self.split = SplitRunner(workers=min(self.threads, 8) - 1)
         # with everything on the CPU, a decode step's large one-row matmuls split over the cores as well
         self._split_linears = split_linears(model, self.split) if self.split is not None and self.logical else []
         # decode on the CPU with plain float32 experts: the fused path of `expert_ffn_combined`

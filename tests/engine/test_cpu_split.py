@@ -18,10 +18,10 @@ def test_runs_both_halves_and_keeps_their_order():
         names.append(threading.current_thread().name)
         return x * 10
 
-    assert runner.run(work, 1, 2) == (10, 20)
-    assert set(names) == {threading.current_thread().name, "moe-chat-cpu-experts"}
+    assert runner.run(work, [1, 2]) == [10, 20]
+    assert set(names) == {threading.current_thread().name, "moe-chat-cpu-experts-0"}
     runner.close()
-    assert not runner._thread.is_alive()
+    assert not any(t.is_alive() for _, _, t in runner._workers)
 
 
 def test_a_failure_on_either_side_is_raised_and_the_runner_stays_usable():
@@ -32,18 +32,32 @@ def test_a_failure_on_either_side_is_raised_and_the_runner_stays_usable():
             raise ValueError("bad half")
         return x
 
-    for here, there in ((-1, 1), (1, -1)):
+    for parts in ([-1, 1], [1, -1]):
         with pytest.raises(ValueError, match="bad half"):
-            runner.run(work, here, there)
-    assert runner.run(work, 3, 4) == (3, 4)
+            runner.run(work, parts)
+    assert runner.run(work, [3, 4]) == [3, 4]
     runner.close()
 
 
-def test_a_dropped_runner_ends_its_thread():
-    thread = SplitRunner()._thread
+def test_a_dropped_runner_ends_its_threads():
+    threads = [t for _, _, t in SplitRunner(workers=3)._workers]
     gc.collect()
-    thread.join(timeout=5)
-    assert not thread.is_alive()
+    for thread in threads:
+        thread.join(timeout=5)
+    assert not any(t.is_alive() for t in threads)
+
+
+def test_many_ways_keep_order_and_cut_evenly():
+    from engine.cpu_split import chunks
+
+    runner = SplitRunner(workers=3)
+    assert runner.ways == 4
+    assert runner.run(lambda x: x * x, [1, 2, 3]) == [1, 4, 9]  # fewer parts than ways
+    with pytest.raises(ValueError):
+        runner.run(lambda x: x, [1, 2, 3, 4, 5])
+    runner.close()
+    assert chunks([1, 2, 3, 4, 5], 2) == [[1, 2], [3, 4, 5]]
+    assert chunks([1, 2], 4) == [[1], [2]]
 
 
 def test_split_linear_matches_linear_and_leaves_batches_alone():
