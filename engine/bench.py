@@ -70,7 +70,7 @@ def memory_read_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
 def miss_path_bandwidth(loaded: LoadedModel, tokens: int = 40) -> float:
     """Expert bytes read per second by the CPU miss path for decode tokens (random routing, every layer).
 
-    Runs as a decode step does: split over two cores when the runtime splits, one intra-op thread each.
+    Runs as a decode step does: spread over the cores when the runtime splits, one intra-op thread each.
     """
     rt = loaded.runtime
     g = torch.Generator().manual_seed(0)
@@ -101,7 +101,7 @@ def scheduler_overhead(loaded: LoadedModel, prompt: list[int], new_tokens: int =
 
     Replays the experts calls of a real decode run twice: through the runtime, and as bare matmuls
     (one `x @ w` per routed expert and matrix, nothing else); the difference per call is the overhead.
-    Both run on one core (the runtime's split over two cores off) so that only bookkeeping differs.
+    Both run on one core (the runtime's split off) so that only bookkeeping differs.
     """
     rt = loaded.runtime
     split, threads = rt.split, torch.get_num_threads()
