@@ -136,8 +136,13 @@ class HybridRuntime:
         return half
 
     def reset_stats(self) -> None:
+        """Counters and the memory peak start again (the peak of a resize, say, is not the next run's)."""
         self.telemetry.reset()
         self.usage[:] = 0
+        self._peak_fast = 0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.memory()
 
     def snapshot(self) -> dict:
         """Plain data for the GUI, the CLI and tests."""
@@ -424,19 +429,20 @@ class HybridRuntime:
         hits = hits[np.argsort(pair_slots[hits], kind="stable")]
         misses = np.nonzero(~hit)[0]
         misses = misses[np.argsort(ids_np[misses], kind="stable")]
+        cpu_miss = misses.size and self.miss_path == "cpu"
+        if cpu_miss:  # the missed rows come over before the hits are queued: copying after would wait for them
+            x_miss = hidden_states[torch.from_numpy(misses // top_k).to(self.device)].to("cpu")
         parts = []
-        if hits.size:  # launched first: on CUDA it runs while the CPU works on the misses
+        if hits.size:  # queued first: on CUDA the GPU runs them while the CPU works on the misses
             parts.append(self._rows(module, hidden_states, top_k, hits, pair_slots[hits], self._slot_weights))
         t1 = time.perf_counter()
         times["device_time_s"][layer] += t1 - t0
-        if misses.size:
-            if self.miss_path == "copy":
-                parts.append(self._offload(module, hidden_states, top_k, misses, ids_np[misses], layer))
-            else:
-                h_cpu = hidden_states.to("cpu")
-                rows = self._rows(module, h_cpu, top_k, misses, ids_np[misses], own)
-                parts.append(rows.to(self.device, non_blocking=True))
-                times["cpu_time_s"][layer] += time.perf_counter() - t1
+        if cpu_miss:
+            rows = expert_ffn(module, x_miss, ids_np[misses], own, self.split)
+            parts.append(rows.to(self.device, non_blocking=True))
+            times["cpu_time_s"][layer] += time.perf_counter() - t1
+        elif misses.size:
+            parts.append(self._offload(module, hidden_states, top_k, misses, ids_np[misses], layer))
         out = torch.cat(parts) if len(parts) > 1 else parts[0]
         back = torch.from_numpy(np.argsort(np.concatenate([hits, misses]))).to(self.device)
         return out[back]

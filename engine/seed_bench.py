@@ -69,13 +69,16 @@ def decode_run(loaded, prompts: list[list[int]], new_tokens: int) -> DecodeRun:
     rt = loaded.runtime
     session = Session(loaded)
     session.eos_ids = set()
-    params = GenerationParams(max_new_tokens=new_tokens, greedy=True, repetition_penalty=1.0)
     seconds = tokens = 0.0
     hits = np.zeros(rt.num_layers)
     misses = np.zeros(rt.num_layers)
     copied = cpu_s = 0.0
-    for prompt in prompts:
+    for i, prompt in enumerate(prompts):
         session.reset()
+        # sampled with a fixed seed: greedy decoding of a random synthetic model falls into repeating one
+        # token, whose fixed routing would make every cache look perfect
+        params = GenerationParams(max_new_tokens=new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+                                  repetition_penalty=1.0, seed=i)
         it = session.generate(prompt, params)
         next(it)  # the prefill and the first token are not part of the decode phase
         before = rt.snapshot()["per_layer"]
