@@ -7,6 +7,9 @@ import os
 import sys
 import tempfile
 
+# before numpy loads (torch, pyqtgraph), as engine/__init__.py explains
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="moe-chat", description="Chat with Mixture-of-Experts models.")

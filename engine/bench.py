@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .experts import expert_ffn
@@ -131,9 +132,10 @@ def _overhead(rt, loaded: LoadedModel, prompt: list[int], new_tokens: int, repea
     bare = []
     for module, h, idx, _ in calls:
         own = rt._own[module._moe_layer]
-        gate_width = own.mats2[0].shape[0]
-        x2 = torch.randn(1, gate_width, dtype=h.dtype)
-        bare += [(h, own.mats1[e], x2, own.mats2[e]) for e in idx.reshape(-1).tolist()]
+        x2 = torch.randn(1, own.mats2[0].shape[0], dtype=h.dtype)
+        x1, x2 = (h.numpy(), x2.numpy()) if own.numpy else (h, x2)
+        bare += [(x1, own.mats1[e], x2, own.mats2[e]) for e in idx.reshape(-1).tolist()]
+    mm = np.matmul if rt.cpu_matmul == "numpy" else torch.mm
 
     def through_runtime():
         for call in calls:
@@ -141,8 +143,8 @@ def _overhead(rt, loaded: LoadedModel, prompt: list[int], new_tokens: int, repea
 
     def matmuls_only():
         for x1, w1, x2, w2 in bare:
-            torch.mm(x1, w1)
-            torch.mm(x2, w2)
+            mm(x1, w1)
+            mm(x2, w2)
 
     best = {"runtime": float("inf"), "matmuls": float("inf")}
     for _ in range(repeats):
@@ -192,6 +194,7 @@ def run_bench(model: str | None, *, budget="0.25", policy="lru", new_tokens=64, 
     result = {
         "model": engine.info.name,
         "threads": torch.get_num_threads(),
+        "cpu_matmul": engine.runtime.cpu_matmul if engine.runtime else "torch",
         "budget_bytes": snap.get("budget_bytes", 0),
         "policy": policy,
         "new_tokens": new_tokens,

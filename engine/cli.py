@@ -250,7 +250,8 @@ def cmd_bench(args) -> dict:
         print(f"{'engine / best stock':>26}: {result['ratio_vs_best_stock']:8.2f}x  (same tokens: {result['same_tokens']})")
         print(f"{'CPU miss path':>26}: {result['miss_path_bytes_per_s'] / 1e9:8.1f} GB/s = "
               f"{result['miss_path_bandwidth_share']:.0%} of memory read bandwidth "
-              f"({result['memory_read_bytes_per_s'] / 1e9:.1f} GB/s, {result['threads']} threads)")
+              f"({result['memory_read_bytes_per_s'] / 1e9:.1f} GB/s, {result['threads']} threads, "
+              f"{result['cpu_matmul']} matmuls)")
         o = result["overhead"]
         print(f"{'scheduler overhead':>26}: {o['overhead_us']:8.1f} us per MoE layer and decode step "
               f"(experts forward {o['experts_forward_us']:.0f} us, bare matmuls {o['matmuls_us']:.0f} us)")

@@ -3,7 +3,7 @@
 MKL runs a one-token matmul on a single core whatever torch's thread count (measured on this project's
 2-core machine: 2 threads gave nothing over 1), so with several experts per token the other cores idle
 while memory bandwidth is left unused. Splitting the experts between the caller and these threads
-uses them: torch releases the GIL inside each kernel, so the parts really run at once.
+uses them: torch and numpy release the GIL inside each kernel, so the parts really run at once.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ forward hooks on the model mark step boundaries, which is where budget and polic
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import time
 
@@ -74,6 +75,10 @@ class HybridRuntime:
             self.split = SplitRunner(workers=min(self.threads, 8) - 1)
         # with everything on the CPU, a decode step's large one-row matmuls split over the cores as well
         self._split_linears = split_linears(model, self.split) if self.split is not None and self.logical else []
+        self.cpu_matmul = "torch"
+        if w.device.type == "cpu" and w.dtype == torch.float32:
+            choice = os.environ.get("MOE_CHAT_CPU_MATMUL", "auto")
+            self.set_cpu_matmul(self._faster_cpu_matmul() if choice == "auto" else choice)
         # decode on the CPU with plain float32 experts: the fused path of `expert_ffn_combined`
         self._combined_decode = (self.logical and not first.has_bias and not first.has_post_expert_norm
                                  and getattr(first, self.names[0]).dtype == torch.float32)
@@ -120,6 +125,43 @@ class HybridRuntime:
             self._pending_budget = nbytes
         self._apply_pending_if_idle()
         return nbytes
+
+    def set_cpu_matmul(self, backend: str) -> None:
+        """"numpy" or "torch": whose BLAS multiplies the CPU experts (see `ExpertWeights.use_numpy`)."""
+        if backend not in ("numpy", "torch"):
+            raise ValueError(f"unknown CPU matmul backend {backend!r}; choose numpy or torch")
+        for own in self._own:
+            own.use_numpy(backend == "numpy")
+        self.cpu_matmul = "numpy" if self._own[0].numpy else "torch"
+
+    def _faster_cpu_matmul(self) -> str:
+        """Time a decode step's CPU experts with each backend, as decode runs them (split, one intra-op
+        thread), over up to 64 MiB of experts so that they come from memory, not cache; pick the faster."""
+        top_k = min(4, self.num_experts)
+        groups = [(m, own, list(range(e, e + top_k))) for m, own in zip(self.modules, self._own)
+                  for e in range(0, self.num_experts - top_k + 1, top_k)]
+        groups = groups[:max(1, 64 * 2**20 // (top_k * self.expert_bytes))]
+        x = torch.randn(1, self._own[0].mats1[0].shape[0])
+        gates = [1.0 / top_k] * top_k
+
+        def one_pass():
+            for m, own, experts in groups:
+                expert_ffn_combined(m, x, experts, gates, own, self.split)
+
+        threads = torch.get_num_threads()
+        if self.split is not None:
+            torch.set_num_threads(1)
+        best = {"torch": float("inf"), "numpy": float("inf")}
+        try:
+            for _ in range(3):
+                for backend in best:
+                    self.set_cpu_matmul(backend)
+                    t = time.perf_counter()
+                    one_pass()
+                    best[backend] = min(best[backend], time.perf_counter() - t)
+        finally:
+            torch.set_num_threads(threads)
+        return "numpy" if best["numpy"] < 0.95 * best["torch"] else "torch"
 
     def set_policy(self, name: str) -> None:
         make_policy(name, 1, 1)  # validates the name now, in the caller's thread

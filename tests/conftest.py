@@ -7,7 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the engine and the app set it, before numpy loads
+# one CPU matmul backend for the whole suite, so results never depend on which one a timing favoured;
+# tests that want the other one or the timed choice ask for it
+os.environ.setdefault("MOE_CHAT_CPU_MATMUL", "torch")
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 # Tiny models gain nothing from threads, and idle-spinning threads on a busy 2-core machine cost a lot.

@@ -79,6 +79,40 @@ def test_cpu_experts_split_over_two_threads(tiny_model_factory, arch, force_slot
             rt.split.close()
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("force_slots", [False, True], ids=["logical", "slots"])
+def test_numpy_cpu_matmuls(tiny_model_factory, arch, force_slots):
+    """numpy's BLAS multiplies the CPU experts, on one thread and split over two: the same tokens."""
+    from engine.cpu_split import SplitRunner
+
+    path = tiny_model_factory(arch)
+    expected = reference_tokens(path)
+    loaded = load_model(path, device="cpu", budget=0.3, force_slots=force_slots, profile=None)
+    rt = loaded.runtime
+    rt.set_cpu_matmul("numpy")
+    assert rt.cpu_matmul == "numpy" and all(own.numpy for own in rt._own)
+    assert engine_tokens(Session(loaded)) == expected
+    rt.split = SplitRunner(workers=1)
+    try:
+        assert engine_tokens(Session(loaded)) == expected
+    finally:
+        rt.split.close()
+        rt.split = None
+    rt.set_cpu_matmul("torch")
+    assert isinstance(rt._own[0].mats1[0], torch.Tensor)
+    assert engine_tokens(Session(loaded)) == expected
+
+
+def test_cpu_matmul_backend_chosen_by_timing(tiny_model_factory, monkeypatch):
+    monkeypatch.setenv("MOE_CHAT_CPU_MATMUL", "auto")
+    path = tiny_model_factory("qwen3_moe")
+    loaded = load_model(path, device="cpu", budget=0.3, profile=None)
+    assert loaded.runtime.cpu_matmul in ("numpy", "torch")
+    assert engine_tokens(Session(loaded)) == reference_tokens(path)
+    with pytest.raises(ValueError, match="numpy or torch"):
+        loaded.runtime.set_cpu_matmul("mkl")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "deepseek_v2"])
 def test_budget_changed_mid_generation(tiny_model_factory, arch, device):

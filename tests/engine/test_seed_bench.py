@@ -49,7 +49,9 @@ def test_seed_suite_cli_json(tiny_model, capsys, tmp_path):
     assert {"rows", "sweep", "device", "model", "chart"} <= set(out)
 
 
-def test_decode_bench_json(tiny_model, capsys):
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_decode_bench_json(tiny_model, capsys, monkeypatch, backend):
+    monkeypatch.setenv("MOE_CHAT_CPU_MATMUL", backend)
     assert main(["bench", "--model", str(tiny_model), "--rounds", "1", "--max-new-tokens", "4", "--json"]) == 0
     import json
 
@@ -57,6 +59,7 @@ def test_decode_bench_json(tiny_model, capsys):
     assert set(out["decode_tokens_per_s"]) == {"engine", "transformers[grouped_mm]", "transformers[eager]"}
     assert out["same_tokens"] is True and out["ratio_vs_best_stock"] > 0
     assert 0 < out["miss_path_bandwidth_share"] and out["memory_read_bytes_per_s"] > 0
+    assert out["cpu_matmul"] == backend
     o = out["overhead"]
     assert o["calls"] == 23 * 3  # decode steps after the first token x MoE layers of the tiny model
     assert o["experts_forward_us"] > o["matmuls_us"] > 0
