@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface, _grouped_linear, grouped_mm_experts_forward
+from transformers.activations import SiLUActivation
+from transformers.integrations.moe import (
+    ALL_EXPERTS_FUNCTIONS,
+    ExpertsInterface,
+    _default_apply_gate,
+    _grouped_linear,
+    grouped_mm_experts_forward,
+)
 
 from .cpu_split import SplitRunner, chunks, cuts
 
@@ -46,16 +53,21 @@ class ExpertWeights:
         self.b2 = tensors.get("down_proj_bias") if module.has_bias else None
         self.is_transposed = module.is_transposed
         self.cpu = self.w1.device.type == "cpu"
-        self.numpy = False  # multiply with numpy's BLAS instead of torch's (see `use_numpy`)
+        # transformers' default gate with SiLU and no biases (Mixtral, Qwen-MoE, OLMoE, DeepSeek...)
+        self.swiglu = (module.has_gate and not module.has_bias and type(module)._apply_gate is _default_apply_gate
+                       and isinstance(getattr(module, "act_fn", None), (SiLUActivation, torch.nn.SiLU)))
+        self.numpy = False  # computed with numpy instead of torch (see `use_numpy`)
         if self.cpu:  # [in, out] per expert
             self.mats1 = list(self.w1.unbind(0) if self.is_transposed else self.w1.transpose(1, 2).unbind(0))
             self.mats2 = list(self.w2.unbind(0) if self.is_transposed else self.w2.transpose(1, 2).unbind(0))
 
     def use_numpy(self, on: bool) -> None:
-        """numpy's BLAS (OpenBLAS in its wheels) streams one-row products of column-major matrices
-        faster than torch's MKL on some CPUs (AMD Zen 4: 27 against 19 GB/s per core); the runtime
-        measures both and picks. numpy arrays share the tensors' memory, so this costs no copy."""
-        numpy = on and self.cpu and self.w1.dtype in (torch.float32, torch.float64)
+        """Compute SwiGLU experts on the CPU with numpy alone: its BLAS (OpenBLAS in its wheels) streams
+        one-row products of column-major matrices faster than torch's MKL on some CPUs (AMD Zen 4: 27
+        against 19 GB/s per core), and the gate and weighted sum in numpy keep the split's threads off
+        each other's GIL (29 against 24 GB/s on two cores). The runtime measures both and picks.
+        numpy arrays share the tensors' memory, so this costs no copy."""
+        numpy = on and self.cpu and self.swiglu and self.w1.dtype in (torch.float32, torch.float64)
         if numpy != self.numpy:
             convert = (lambda m: m.numpy()) if numpy else torch.from_numpy
             self.mats1 = [convert(m) for m in self.mats1]
@@ -80,22 +92,41 @@ def _group_runs(groups: np.ndarray) -> tuple[list[int], list[int]]:
     return groups[bounds[:-1]].tolist(), np.diff(bounds).tolist()
 
 
-def _per_group(parts: list[torch.Tensor], mats: list, ids: list[int], numpy: bool) -> torch.Tensor:
+def _per_group(parts: list[torch.Tensor], mats: list[torch.Tensor], ids: list[int]) -> torch.Tensor:
     """One matmul per group present. The CPU grouped_mm kernel loops over every expert, used or not,
     which for a decode token costs more than the matmuls themselves."""
-    if numpy:
-        out = [x.numpy() @ mats[g] for x, g in zip(parts, ids)]
-        return torch.from_numpy(out[0] if len(out) == 1 else np.concatenate(out))
     out = [torch.mm(x, mats[g]) for x, g in zip(parts, ids)]
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
+def _np_rows(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    """Each group's rows of `x`; a single row is every group's (a decode token)."""
+    if x.shape[0] == 1:
+        return [x] * len(sizes)
+    bounds = np.cumsum([0, *sizes]).tolist()
+    return [x[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def _np_swiglu(x: np.ndarray, ids: list[int], sizes: list[int], weights: ExpertWeights) -> np.ndarray:
+    """silu(gate) * up of each group's rows, for the down projections."""
+    h = [rows @ weights.mats1[g] for rows, g in zip(_np_rows(x, sizes), ids)]
+    h = h[0] if len(h) == 1 else np.concatenate(h)
+    half = h.shape[1] // 2
+    gate, up = h[:, :half], h[:, half:]
+    with np.errstate(over="ignore"):  # exp(-gate) overflows to inf for very negative gates: silu -> -0
+        return gate / (1.0 + np.exp(-gate)) * up
+
+
 def _cpu_ffn(module: torch.nn.Module, x: torch.Tensor, ids: list[int], sizes: list[int], groups: np.ndarray,
              weights: ExpertWeights) -> torch.Tensor:
-    h = _per_group([x] * len(ids) if x.shape[0] == 1 else x.split(sizes), weights.mats1, ids, weights.numpy)
+    if weights.numpy:
+        a = _np_swiglu(x.numpy(), ids, sizes, weights)
+        y = [rows @ weights.mats2[g] for rows, g in zip(_np_rows(a, sizes), ids)]
+        return torch.from_numpy(y[0] if len(y) == 1 else np.concatenate(y))
+    h = _per_group([x] * len(ids) if x.shape[0] == 1 else x.split(sizes), weights.mats1, ids)
     h = h if weights.b1 is None else h.add_(weights.b1[torch.from_numpy(groups)])
     h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
-    y = _per_group(h.split(sizes), weights.mats2, ids, weights.numpy)
+    y = _per_group(h.split(sizes), weights.mats2, ids)
     return y if weights.b2 is None else y.add_(weights.b2[torch.from_numpy(groups)])
 
 
@@ -132,10 +163,8 @@ def expert_ffn(module: torch.nn.Module, x: torch.Tensor, groups: np.ndarray, wei
 
 def _weighted_sum(module: torch.nn.Module, x: torch.Tensor, experts: list[int], gates: list[float],
                   weights: ExpertWeights) -> torch.Tensor:
-    h = _per_group([x] * len(experts), weights.mats1, experts, weights.numpy)
-    h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
     if weights.numpy:
-        rows = h.numpy()
+        rows = _np_swiglu(x.numpy(), experts, [1] * len(experts), weights)
         out = rows[:1] @ weights.mats2[experts[0]]
         out *= gates[0]
         for i in range(1, len(experts)):
@@ -143,7 +172,8 @@ def _weighted_sum(module: torch.nn.Module, x: torch.Tensor, experts: list[int], 
             y *= gates[i]
             out += y
         return torch.from_numpy(out)
-    rows = h.split(1)
+    h = _per_group([x] * len(experts), weights.mats1, experts)
+    rows = (module._apply_gate(h) if module.has_gate else module.act_fn(h)).split(1)
     out = torch.mm(rows[0], weights.mats2[experts[0]]).mul_(gates[0])
     for row, e, g in zip(rows[1:], experts[1:], gates[1:]):
         out.addmm_(row, weights.mats2[e], alpha=g)

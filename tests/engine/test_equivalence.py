@@ -82,7 +82,7 @@ def test_cpu_experts_split_over_two_threads(tiny_model_factory, arch, force_slot
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("force_slots", [False, True], ids=["logical", "slots"])
 def test_numpy_cpu_matmuls(tiny_model_factory, arch, force_slots):
-    """numpy's BLAS multiplies the CPU experts, on one thread and split over two: the same tokens."""
+    """numpy computes the CPU SwiGLU experts, on one thread and split over two: the same tokens."""
     from engine.cpu_split import SplitRunner
 
     path = tiny_model_factory(arch)
@@ -90,7 +90,9 @@ def test_numpy_cpu_matmuls(tiny_model_factory, arch, force_slots):
     loaded = load_model(path, device="cpu", budget=0.3, force_slots=force_slots, profile=None)
     rt = loaded.runtime
     rt.set_cpu_matmul("numpy")
-    assert rt.cpu_matmul == "numpy" and all(own.numpy for own in rt._own)
+    swiglu = arch != "gpt_oss"  # GPT-OSS's clamped, biased gate stays with torch
+    assert rt._own[0].swiglu is swiglu and rt.cpu_matmul == ("numpy" if swiglu else "torch")
+    assert all(own.numpy is swiglu for own in rt._own)
     assert engine_tokens(Session(loaded)) == expected
     rt.split = SplitRunner(workers=1)
     try:
@@ -139,3 +141,22 @@ def test_model_without_moe_runs_plain(tiny_model_factory):
     loaded = load_model(path, device="cpu", profile=None)
     assert loaded.runtime is None and loaded.info.num_moe_layers == 0
     assert engine_tokens(Session(loaded)) == reference_tokens(path)
+
+
+def test_numpy_swiglu_gate_matches_torch():
+    """The numpy gate is torch's silu(gate) * up, also where exp overflows (no warning either)."""
+    import warnings
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from engine.experts import _np_swiglu
+
+    gate = np.array([[-200.0, -90.0, -1.5, 0.0, 0.7, 30.0, 200.0]], dtype=np.float32)
+    up = np.array([[1.0, -2.0, 3.0, 4.0, -0.5, 2.0, 1.0]], dtype=np.float32)
+    identity = SimpleNamespace(mats1=[np.eye(14, dtype=np.float32)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _np_swiglu(np.concatenate([gate, up], axis=1), [0], [1], identity)
+    want = torch.nn.functional.silu(torch.from_numpy(gate)) * torch.from_numpy(up)
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-6, atol=0)
