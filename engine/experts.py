@@ -11,13 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from transformers.activations import SiLUActivation
-from transformers.integrations.moe import (
-    ALL_EXPERTS_FUNCTIONS,
-    ExpertsInterface,
-    _default_apply_gate,
-    _grouped_linear,
-    grouped_mm_experts_forward,
-)
+from transformers.integrations import moe as hf_moe
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface, _grouped_linear, grouped_mm_experts_forward
 
 from .cpu_split import SplitRunner, chunks, cuts
 
@@ -54,7 +49,9 @@ class ExpertWeights:
         self.is_transposed = module.is_transposed
         self.cpu = self.w1.device.type == "cpu"
         # transformers' default gate with SiLU and no biases (Mixtral, Qwen-MoE, OLMoE, DeepSeek...)
-        self.swiglu = (module.has_gate and not module.has_bias and type(module)._apply_gate is _default_apply_gate
+        default_gate = getattr(hf_moe, "_default_apply_gate", None)  # private: absent, numpy is not used
+        self.swiglu = (module.has_gate and not module.has_bias and default_gate is not None
+                       and getattr(type(module), "_apply_gate", None) is default_gate
                        and isinstance(getattr(module, "act_fn", None), (SiLUActivation, torch.nn.SiLU)))
         self.numpy = False  # computed with numpy instead of torch (see `use_numpy`)
         if self.cpu:  # [in, out] per expert
