@@ -53,6 +53,7 @@ class ExpertWeights:
         self.swiglu = (module.has_gate and not module.has_bias and default_gate is not None
                        and getattr(type(module), "_apply_gate", None) is default_gate
                        and isinstance(getattr(module, "act_fn", None), (SiLUActivation, torch.nn.SiLU)))
+        self.numpy_able = self.cpu and self.swiglu and self.w1.dtype == torch.float32
         self.numpy = False  # computed with numpy instead of torch (see `use_numpy`)
         if self.cpu:  # [in, out] per expert
             self.mats1 = list(self.w1.unbind(0) if self.is_transposed else self.w1.transpose(1, 2).unbind(0))
@@ -64,7 +65,7 @@ class ExpertWeights:
         against 19 GB/s per core), and the gate and weighted sum in numpy keep the split's threads off
         each other's GIL (29 against 24 GB/s on two cores). The runtime measures both and picks.
         numpy arrays share the tensors' memory, so this costs no copy."""
-        numpy = on and self.cpu and self.swiglu and self.w1.dtype in (torch.float32, torch.float64)
+        numpy = on and self.numpy_able
         if numpy != self.numpy:
             convert = (lambda m: m.numpy()) if numpy else torch.from_numpy
             self.mats1 = [convert(m) for m in self.mats1]

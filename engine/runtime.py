@@ -76,7 +76,7 @@ class HybridRuntime:
         # with everything on the CPU, a decode step's large one-row matmuls split over the cores as well
         self._split_linears = split_linears(model, self.split) if self.split is not None and self.logical else []
         self.cpu_matmul = "torch"
-        if w.device.type == "cpu" and w.dtype == torch.float32 and self._own[0].swiglu:
+        if self._own[0].numpy_able:
             choice = os.environ.get("MOE_CHAT_CPU_MATMUL", "auto")
             self.set_cpu_matmul(self._faster_cpu_matmul() if choice == "auto" else choice)
         # decode on the CPU with plain float32 experts: the fused path of `expert_ffn_combined`
