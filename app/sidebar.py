@@ -68,7 +68,9 @@ class Sidebar(QWidget):
         self.list.setTextElideMode(Qt.TextElideMode.ElideRight)
         self.list.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.list.customContextMenuRequested.connect(self._menu)
-        self.list.currentItemChanged.connect(self._on_current)
+        # the row, not the items: no item pointer is wrapped for Python while `clear()` deletes the items
+        # (one suspect for a segfault inside clear() seen once in CI)
+        self.list.currentRowChanged.connect(self._on_current)
         self.list.itemDoubleClicked.connect(lambda item: self.ask_rename(item.data(Qt.ItemDataRole.UserRole)))
         layout = QVBoxLayout(self)
         layout.setContentsMargins(10, 12, 10, 10)
@@ -123,9 +125,9 @@ class Sidebar(QWidget):
                 return
         self.list.setCurrentRow(-1)
 
-    def _on_current(self, item: QListWidgetItem | None, _previous) -> None:
-        if item is not None and not self._filling:
-            cid = item.data(Qt.ItemDataRole.UserRole)
+    def _on_current(self, row: int) -> None:
+        if row >= 0 and not self._filling:
+            cid = self.list.item(row).data(Qt.ItemDataRole.UserRole)
             if cid != self.current_id:
                 self.conversation_selected.emit(cid)
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # before Qt is imported anywhere: no display
 
 import pytest
 import shiboken6
-from PySide6.QtCore import QStandardPaths, QThread
+from PySide6.QtCore import QCoreApplication, QEvent, QStandardPaths, QThread
 
 from app.settings import Key, Settings
 
@@ -85,6 +86,10 @@ def make_window(qtbot, tiny_model):
         if shiboken6.isValid(w):
             w.close()
             w.deleteLater()
+    # destroyed now, not at some event loop in a later test, where freeing widgets under a running test
+    # is one suspect for a rare segfault seen once in CI (QListWidget.clear)
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    gc.collect()
 
 
 @pytest.fixture
