@@ -4,6 +4,7 @@
 #   2. overlap: hit work on the GPU and miss work on the CPU run at the same time
 #   3. a generation through the CLI on CUDA, on a synthetic bf16 model whose experts overflow the budget
 #   4. the seed suite, every row measured, on that model
+#   5. decode with every expert cached against stock transformers on the GPU: the engine's host cost per layer
 # Every check runs even when an earlier one fails; the exit status says whether all passed.
 # Results land in ${OUT:-out}/. Needs a Python with CUDA torch and the project's dependencies
 # (PYTHON, default python3); the project runs from this checkout, uninstalled.
@@ -36,6 +37,8 @@ check generate sh -c "timeout 120 $PY -m engine generate --model '$MODEL' --prom
   --max-new-tokens 32 --device cuda --budget 0.25 --json > '$OUT/generate.json'"
 check seed sh -c "timeout 300 $PY -m engine bench --suite seed --model '$MODEL' --policies lru,predictive \
   --max-new-tokens 24 --chart '$OUT/seed.png' --json > '$OUT/seed.json'"
+check decode-overhead sh -c "timeout 150 $PY tests/gpu/decode_overhead.py '$MODEL' > '$OUT/decode_overhead.json'"
+cat "$OUT/decode_overhead.json"
 $PY - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
