@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .experts import expert_ffn
+from .experts import expert_ffn, expert_ffn_combined
 from .loader import LoadedModel, inspect_model, load_model
 from .session import GenerationParams, Session
 
@@ -100,9 +100,10 @@ def scheduler_overhead(loaded: LoadedModel, prompt: list[int], new_tokens: int =
     """Time per MoE layer and decode step spent outside the expert matmuls: routing bookkeeping, policy,
     cache decisions, telemetry, activation and the weighted sum.
 
-    Replays the experts calls of a real decode run twice: through the runtime, and as bare matmuls
-    (one `x @ w` per routed expert and matrix, nothing else); the difference per call is the overhead.
-    Both run on one core (the runtime's split off) so that only bookkeeping differs.
+    Replays the experts calls of a real decode run three ways: through the runtime; as bare matmuls
+    (one `x @ w` per routed expert and matrix, nothing else), whose difference is `overhead_us`; and as
+    the experts' arithmetic alone (matmuls, activation, weighted sum), whose difference is
+    `bookkeeping_us`, the scheduler's own share. All run on one core (the runtime's split off).
     """
     rt = loaded.runtime
     split, threads = rt.split, torch.get_num_threads()
@@ -136,6 +137,8 @@ def _overhead(rt, loaded: LoadedModel, prompt: list[int], new_tokens: int, repea
         x1, x2 = (h.numpy(), x2.numpy()) if own.numpy else (h, x2)
         bare += [(x1, own.mats1[e], x2, own.mats2[e]) for e in idx.reshape(-1).tolist()]
     mm = np.matmul if rt.cpu_matmul == "numpy" else torch.mm
+    math = [(module, h, idx.reshape(-1).numpy(), w.reshape(-1, 1), rt._own[module._moe_layer])
+            for module, h, idx, w in calls]
 
     def through_runtime():
         for call in calls:
@@ -146,18 +149,29 @@ def _overhead(rt, loaded: LoadedModel, prompt: list[int], new_tokens: int, repea
             mm(x1, w1)
             mm(x2, w2)
 
-    best = {"runtime": float("inf"), "matmuls": float("inf")}
+    def expert_math():  # the experts' own arithmetic, nothing of the scheduler
+        for module, h, ids, w, own in math:
+            if rt._combined_decode:
+                expert_ffn_combined(module, h, ids.tolist(), w.view(-1).tolist(), own)
+            else:
+                out = expert_ffn(module, h, ids, own)
+                (module.post_expert_norm(out) if module.has_post_expert_norm else out).mul(w).sum(0)
+
+    best = {"runtime": float("inf"), "matmuls": float("inf"), "math": float("inf")}
     for _ in range(repeats):
-        for name, fn in (("runtime", through_runtime), ("matmuls", matmuls_only)):
+        for name, fn in (("runtime", through_runtime), ("matmuls", matmuls_only), ("math", expert_math)):
             t = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - t)
-    n = max(1, len(calls))
+    us = {name: seconds / max(1, len(calls)) * 1e6 for name, seconds in best.items()}
     return {
         "calls": len(calls),
-        "experts_forward_us": best["runtime"] / n * 1e6,
-        "matmuls_us": best["matmuls"] / n * 1e6,
-        "overhead_us": (best["runtime"] - best["matmuls"]) / n * 1e6,
+        "experts_forward_us": us["runtime"],
+        "matmuls_us": us["matmuls"],
+        "expert_math_us": us["math"],
+        "overhead_us": us["runtime"] - us["matmuls"],
+        # routing, cache, policy and telemetry alone: the forward minus the experts' own arithmetic
+        "bookkeeping_us": us["runtime"] - us["math"],
     }
 
 

@@ -254,7 +254,8 @@ def cmd_bench(args) -> dict:
               f"{result['cpu_matmul']} matmuls)")
         o = result["overhead"]
         print(f"{'scheduler overhead':>26}: {o['overhead_us']:8.1f} us per MoE layer and decode step "
-              f"(experts forward {o['experts_forward_us']:.0f} us, bare matmuls {o['matmuls_us']:.0f} us)")
+              f"(experts forward {o['experts_forward_us']:.0f} us, bare matmuls {o['matmuls_us']:.0f} us; "
+              f"routing, cache, policy and telemetry alone {o['bookkeeping_us']:.0f} us)")
     return result
 
 

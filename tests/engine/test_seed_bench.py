@@ -62,4 +62,5 @@ def test_decode_bench_json(tiny_model, capsys, monkeypatch, backend):
     assert out["cpu_matmul"] == backend
     o = out["overhead"]
     assert o["calls"] == 23 * 3  # decode steps after the first token x MoE layers of the tiny model
-    assert o["experts_forward_us"] > o["matmuls_us"] > 0
+    assert o["experts_forward_us"] > o["expert_math_us"] > o["matmuls_us"] > 0
+    assert 0 < o["bookkeeping_us"] < o["overhead_us"]
