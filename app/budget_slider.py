@@ -12,7 +12,7 @@ import re
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import QComboBox, QFrame, QGridLayout, QHBoxLayout, QLabel, QLineEdit, QSlider, QWidget
 
-from app.panels import format_bytes
+from app.engine_worker import format_bytes
 
 DEBOUNCE_MS = 150
 _UNITS = {"": 2**20, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,

@@ -23,6 +23,11 @@ from typing import Any
 import psutil
 from PySide6.QtCore import QObject, Qt, QThread, QTimer, Signal, Slot
 
+# Pure-Python parts of the engine the GUI thread may use at once (no torch behind them): one data
+# folder and one way to write sizes for the app and the engine alike.
+from engine.paths import DATA_DIR_ENV, user_data_dir  # noqa: F401 - re-exported for app.paths
+from engine.units import format_bytes  # noqa: F401 - re-exported for the panels
+
 # The engine (torch, transformers) is imported on the worker thread when it starts, so the window
 # appears at once and the GUI thread never pays for, or blocks on, that import.
 _engine: dict = {}
@@ -30,13 +35,11 @@ _engine: dict = {}
 
 def _import_engine() -> dict:
     if not _engine:
-        from engine import errors, loader, session
-        from engine.policies import POLICIES
+        from engine import errors
+        from engine.cache.policies import POLICIES
+        from engine.model import loader, session
+        from engine.paths import DEMO_MODEL_DIR
 
-        try:
-            from engine.demo_model import DEMO_MODEL_DIR
-        except ImportError:  # a build without the demo model package
-            DEMO_MODEL_DIR = None
         _engine.update(loader=loader, session=session, errors=errors, policies=dict(POLICIES),
                        demo_dir=DEMO_MODEL_DIR)
     return _engine
@@ -223,13 +226,14 @@ class EngineWorker(QObject):
         info["source"] = source
         info["policies"] = dict(_engine["policies"])
         info["has_tokenizer"] = self._loaded.tokenizer is not None and info.get("has_tokenizer", True)
+        info["experts"], info["dense"] = self._loaded.experts, self._loaded.dense
         rt = self._loaded.runtime
         info["has_runtime"] = rt is not None
         if rt is not None:
             snap = rt.snapshot()
             info.update(
                 device=str(rt.device),
-                logical=bool(rt.logical),
+                simulated_cache=rt.simulated_cache,
                 budget_bytes=int(rt.budget_bytes),
                 max_budget_bytes=int(rt.max_budget_bytes),
                 runtime_expert_bytes=int(rt.expert_bytes),
@@ -355,7 +359,7 @@ class EngineWorker(QObject):
     @Slot(object)
     def list_models(self, extra_dirs: list) -> None:
         try:
-            from engine import catalog
+            from engine.model import catalog
 
             models = catalog.list_models(extra_dirs)
         except BaseException as exc:  # noqa: BLE001

@@ -31,9 +31,9 @@ from app import APP_NAME, theme
 from app.budget_slider import BudgetBar
 from app.chat_view import ChatView
 from app.conversation_store import ConversationStore, Message
-from app.engine_worker import EngineClient
+from app.engine_worker import EngineClient, format_bytes
 from app.model_picker import ModelPickerDialog
-from app.panels import PanelStack, format_bytes
+from app.panels import PanelStack
 from app.paths import database_path
 from app.settings import Key, Settings
 from app.settings_dialog import SettingsDialog
@@ -483,7 +483,7 @@ class MainWindow(QMainWindow):
         self._on_model_info(info)
         self.chat_view.hide_banner()
         device = info.get("device", "cpu")
-        where = "CPU, cache simulated (no GPU)" if info.get("logical") else device
+        where = "CPU, cache simulated (no GPU)" if info.get("simulated_cache") else device
         self.status_label.setText(f"Loaded {info.get('name', 'model')} on {where}")
 
     def _on_model_info(self, info: dict | None) -> None:
@@ -499,8 +499,9 @@ class MainWindow(QMainWindow):
             f"{info.get('num_moe_layers', 0)} MoE layers, top-{info.get('top_k', 0)}\n{info.get('path', '')}"
         )
         if info.get("has_runtime"):
-            self.device_label.setText("CPU · simulated GPU cache" if info.get("logical")
-                                      else f"{info.get('device', '').upper()} cache")
+            where = "CPU · simulated GPU cache" if info.get("simulated_cache") else f"{info.get('device', '').upper()} cache"
+            held = info.get("experts", "source")
+            self.device_label.setText(where if held == "source" else f"{where} · {held} experts")
         else:
             self.device_label.setText("no expert cache")
         if not info.get("has_tokenizer", True):

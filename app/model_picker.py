@@ -22,13 +22,13 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.engine_worker import EngineClient
-from app.panels import format_bytes
+from app.engine_worker import EngineClient, format_bytes
 from app.settings import Key, Settings
 
 ORIGINS = {"demo": "built-in demo", "hf-cache": "Hugging Face cache", "folder": "folder"}
 COLUMNS = ("Model", "Source", "Architecture", "Parameters", "Experts × layers", "Top-k", "On disk",
            "Fits RAM", "Budget caches")
+FITS_COLUMN = COLUMNS.index("Fits RAM")
 DEFAULT_BUDGET_SHARE = 0.25
 
 
@@ -40,9 +40,10 @@ def format_count(n: int) -> str:
 
 
 def describe_cached(model: dict, budget_bytes: int) -> str:
-    """How much of this model's experts the current budget would cache."""
-    total = int(model.get("expert_bytes_total") or 0)
-    one = int(model.get("expert_bytes") or 0)
+    """How much of this model's experts the current budget would cache, in the format `auto` holds them."""
+    held = (model.get("formats") or {}).get(model.get("auto_experts")) or model
+    total = int(held.get("expert_bytes_total") or 0)
+    one = int(held.get("expert_bytes") or 0)
     if not total or not one:
         return "no experts"
     nbytes = budget_bytes if budget_bytes > 0 else int(total * DEFAULT_BUDGET_SHARE)
@@ -171,6 +172,10 @@ class ModelPickerDialog(QDialog):
             for col, text in enumerate(cells):
                 item = QTableWidgetItem(str(text))
                 tip = m.get("error") or m.get("path") or m.get("source", "")
+                if col == FITS_COLUMN and not bad and m.get("formats"):
+                    tip = "RAM needed with experts held as\n" + "\n".join(
+                        f"  {f}: {format_bytes(int(v['ram_needed_bytes']))}" + ("" if v["fits_ram"] else " (does not fit)")
+                        for f, v in m["formats"].items())
                 item.setToolTip(str(tip))
                 if bad and col == 0:
                     item.setText(f"⚠ {text}")
@@ -191,19 +196,18 @@ class ModelPickerDialog(QDialog):
 
     @staticmethod
     def _fits(m: dict) -> str:
-        need = format_bytes(int(m.get("ram_needed_bytes") or 0))
-        return f"yes ({need})" if m.get("fits_ram") else f"no: needs {need}"
+        """Whether the model fits the free RAM, and in which expert format `auto` would hold it."""
+        formats = m.get("formats") or {}
+        auto = m.get("auto_experts")
+        if auto in formats:
+            need = format_bytes(int(formats[auto]["ram_needed_bytes"]))
+            return f"yes ({need})" if auto == "source" else f"as {auto} ({need})"
+        smallest = formats.get("int4") or {"ram_needed_bytes": m.get("ram_needed_bytes") or 0}
+        return f"no: needs {format_bytes(int(smallest['ram_needed_bytes']))}" + (" at int4" if "int4" in formats else "")
 
     def selected_model(self) -> dict | None:
         rows = self.table.selectionModel().selectedRows()
         return self.models[rows[0].row()] if rows else None
-
-    def select_source(self, source: str) -> bool:
-        for row, m in enumerate(self.models):
-            if self._same(m, source):
-                self.table.selectRow(row)
-                return True
-        return False
 
     def _on_selection(self) -> None:
         m = self.selected_model()

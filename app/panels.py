@@ -16,21 +16,13 @@ from PySide6.QtCore import QRectF, QSize, Qt
 from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
 from app import theme
+from app.engine_worker import format_bytes
 
 HEAT_COLUMNS = 90          # recent intervals shown in the heat map
 BAR_WINDOW = 4             # intervals summed for the current per-layer bars
 HISTORY_S = 120.0          # seconds of memory and throughput history
 
 pg.setConfigOptions(antialias=True, imageAxisOrder="col-major")
-
-
-def format_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB' (same rules as the engine's units, without importing it)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _unit_for(max_bytes: float) -> tuple[float, str]:
@@ -211,7 +203,7 @@ class HitRatePanel(Card):
             f"Now {live:.0%} · since load {snap.get('hit_rate', 0.0):.0%} · "
             f"{cap} of {total} experts cached{share} · {snap.get('policy', '?')}"
         )
-        if snap.get("logical"):
+        if snap.get("simulated_cache"):
             text += "\nNo GPU: the cache is simulated on the CPU (the hit rates a GPU would see)."
             self.set_badge("simulated", "No GPU was found: the expert cache is simulated on the CPU.")
         else:
@@ -253,6 +245,19 @@ class _History:
         return np.array(self.values[name], dtype=np.float64) / scale
 
 
+class _TimeCard(Card):
+    """A card whose plots show a rolling `history` against seconds ago."""
+
+    history: _History
+
+    def redraw(self, now: float) -> None:
+        if self.history.t:
+            self._plot(self.history.x(now))
+
+    def _plot(self, x: np.ndarray) -> None:
+        raise NotImplementedError
+
+
 def _time_plots(canvas) -> tuple[pg.PlotItem, pg.PlotItem]:
     """Two stacked plots over the last HISTORY_S seconds, sharing the time axis shown under the lower one."""
     top = canvas.addPlot(row=0, col=0)
@@ -266,7 +271,7 @@ def _time_plots(canvas) -> tuple[pg.PlotItem, pg.PlotItem]:
     return top, bottom
 
 
-class MemoryPanel(Card):
+class MemoryPanel(_TimeCard):
     """Fast-device memory (cache and total) against the budget and capacity; process RAM."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
@@ -274,7 +279,7 @@ class MemoryPanel(Card):
         self.history = _History("cache", "fast", "budget", "max", "capacity", "rss")
         self.dev_plot, self.ram_plot = _time_plots(self.canvas)
         self.curves: dict[str, pg.PlotDataItem] = {}
-        self._logical = True
+        self._simulated = True
         self.canvas.setMinimumHeight(130)
         self.apply_theme()
 
@@ -305,19 +310,19 @@ class MemoryPanel(Card):
             self.curves[name] = plot.plot([], [], pen=pen, connect="finite", **kwargs)
         self.style_plot(self.dev_plot)
         self.style_plot(self.ram_plot)
-        self._draw(time.monotonic())
+        self.redraw(time.monotonic())
 
     def _show_legend(self) -> None:
         self.set_legend([(pen.color().name(), label, pen.style() != Qt.PenStyle.SolidLine)
                          for name, (_plot, label, pen, _fill) in self._spec.items()
-                         if name != "capacity" or not self._logical])
+                         if name != "capacity" or not self._simulated])
 
     def update_stats(self, snap: dict) -> None:
         self.updates += 1
         now = float(snap.get("time", time.monotonic()))
         has_rt = bool(snap.get("has_runtime"))
-        if has_rt and bool(snap.get("logical")) != self._logical:
-            self._logical = bool(snap.get("logical"))
+        if has_rt and bool(snap.get("simulated_cache")) != self._simulated:
+            self._simulated = bool(snap.get("simulated_cache"))
             self._show_legend()
         nan = math.nan
         self.history.add(
@@ -327,27 +332,24 @@ class MemoryPanel(Card):
             budget=snap.get("budget_bytes", nan) if has_rt else nan,
             max=snap.get("max_budget_bytes", nan) if has_rt else nan,
             # a real device's capacity is drawn; a simulated cache's "device" is all of RAM, named in text
-            capacity=snap.get("device_total_bytes", nan) if has_rt and not snap.get("logical") else nan,
+            capacity=snap.get("device_total_bytes", nan) if has_rt and not snap.get("simulated_cache") else nan,
             rss=snap.get("rss_bytes", nan),
         )
         rss = format_bytes(snap.get("rss_bytes", 0))
         if has_rt:
-            device = "CPU" if snap.get("logical") else str(snap.get("device", "")).upper()
+            device = "CPU" if snap.get("simulated_cache") else str(snap.get("device", "")).upper()
             capacity = snap.get("device_total_bytes", 0)
             self.summary.setText(
                 f"Cache {format_bytes(snap.get('cache_bytes', 0))} of {format_bytes(snap.get('budget_bytes', 0))}"
                 f" budget · {device} holds {format_bytes(capacity)} · RAM {rss}"
             )
-            self.set_badge("simulated" if snap.get("logical") else "")
+            self.set_badge("simulated" if snap.get("simulated_cache") else "")
         else:
             self.summary.setText(f"Process RAM {rss}")
         if self.isVisible():
-            self._draw(now)
+            self.redraw(now)
 
-    def _draw(self, now: float) -> None:
-        if not self.history.t:
-            return
-        x = self.history.x(now)
+    def _plot(self, x: np.ndarray) -> None:
         dev_max = np.nanmax([np.nanmax(self.history.y(n)) if np.isfinite(self.history.y(n)).any() else 0
                              for n in ("cache", "fast", "budget", "max", "capacity")])
         scale, unit = _unit_for(dev_max or 1)
@@ -360,7 +362,7 @@ class MemoryPanel(Card):
         self.dev_plot.setXRange(-HISTORY_S, 0, padding=0)
 
 
-class ThroughputPanel(Card):
+class ThroughputPanel(_TimeCard):
     """Prefill and decode tokens/s over time, and the share of expert work done on the CPU."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
@@ -394,7 +396,7 @@ class ThroughputPanel(Card):
             self.curves[name] = plot.plot([], [], pen=pen, connect="finite")
         self.style_plot(self.tps_plot)
         self.style_plot(self.cpu_plot)
-        self._draw(time.monotonic())
+        self.redraw(time.monotonic())
 
     def update_stats(self, snap: dict) -> None:
         self.updates += 1
@@ -424,12 +426,9 @@ class ThroughputPanel(Card):
                 f"{100 * snap.get('cpu_share', 0.0):.0f}% since load"
             )
         if self.isVisible():
-            self._draw(now)
+            self.redraw(now)
 
-    def _draw(self, now: float) -> None:
-        if not self.history.t:
-            return
-        x = self.history.x(now)
+    def _plot(self, x: np.ndarray) -> None:
         for name in ("prefill", "decode", "cpu"):
             self.curves[name].setData(x, self.history.y(name))
         self.tps_plot.setXRange(-HISTORY_S, 0, padding=0)

@@ -1,24 +1,16 @@
-"""Where the app keeps its data: the user's data folder, or `$MOE_CHAT_DATA` (tests, self-test)."""
+"""Where the app keeps its data: the engine's one data folder (`engine.paths`), or `$MOE_CHAT_DATA`."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from PySide6.QtCore import QStandardPaths
-
-from app import APP_ID
-
-DATA_DIR_ENV = "MOE_CHAT_DATA"  # shared with engine.paths, so one variable moves all user data
+from app.engine_worker import DATA_DIR_ENV, user_data_dir
 
 
 def data_dir() -> Path:
     """The folder for the chat database and (when overridden) the settings file; created on demand."""
-    override = os.environ.get(DATA_DIR_ENV)
-    if override:
-        path = Path(override)
-    else:  # ~/.local/share/moe-chat, %APPDATA%/moe-chat, ~/Library/Application Support/moe-chat
-        path = Path(QStandardPaths.writableLocation(QStandardPaths.StandardLocation.GenericDataLocation)) / APP_ID
+    path = user_data_dir()
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from engine.demo_model import DEMO_MODEL_DIR
-from engine.demo_model.corpus import FAMILIES, TrainStream, all_tasks, held_out_examples
+from engine.paths import DEMO_MODEL_DIR
+from tools.demo_model.corpus import FAMILIES, TrainStream, all_tasks, held_out_examples
 
 MANIFEST = DEMO_MODEL_DIR / "manifest.json"
 
@@ -65,7 +65,7 @@ def test_architecture_is_a_real_moe(stock):
 
 
 def test_chat_template_matches_training_encoding(stock):
-    from engine.demo_model.train import encode
+    from tools.demo_model.train import encode
 
     _, tokenizer = stock
     ex = held_out_examples()[0]
@@ -76,7 +76,7 @@ def test_chat_template_matches_training_encoding(stock):
 
 
 def test_answers_held_out_prompts(stock):
-    from engine.demo_model.evaluate import greedy_batch
+    from tools.demo_model.evaluate import greedy_batch
 
     model, tokenizer = stock
     examples = held_out_examples()
@@ -97,8 +97,8 @@ def test_recorded_scores_meet_the_goal(manifest):
 
 
 def test_loads_through_the_engine():
-    from engine import session as session_mod
-    from engine.loader import load_model
+    from engine.model import session as session_mod
+    from engine.model.loader import load_model
 
     loaded = load_model(str(DEMO_MODEL_DIR), device="cpu", budget=0.25, policy="lru", profile=None)
     session = session_mod.Session(loaded)

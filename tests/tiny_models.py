@@ -27,7 +27,7 @@ INIT_STD = 0.1
 
 # Small enough to build in milliseconds, large enough that each layer has real routing choices.
 ARCH_KWARGS: dict[str, dict] = {
-    "mixtral": dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2),
+    "mixtral": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2),
     "qwen2_moe": dict(
         intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=48,
         num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1, norm_topk_prob=False,
@@ -50,6 +50,12 @@ ARCH_KWARGS: dict[str, dict] = {
     "llama": dict(intermediate_size=96),  # no MoE layers at all
 }
 ARCHITECTURES = [a for a in ARCH_KWARGS if a != "llama"]
+
+
+def resident(cache) -> list[tuple[int, int]]:
+    """The (layer, expert) pairs an `ExpertCache` holds, in order."""
+    layers, experts = (cache.slot_of >= 0).nonzero()
+    return list(zip(layers.tolist(), experts.tolist()))
 
 
 def make_tokenizer(out_dir: Path):

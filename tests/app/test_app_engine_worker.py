@@ -26,7 +26,7 @@ def loaded(qtbot, client, tiny_model):
     with qtbot.waitSignal(client.model_loaded, timeout=60_000) as blocker:
         client.load(str(tiny_model), 0, "lru")
     info = blocker.args[1]
-    assert info["has_runtime"] and info["logical"] and info["device"] == "cpu"
+    assert info["has_runtime"] and info["simulated_cache"] and info["device"] == "cpu"
     assert info["policies"] and "lru" in info["policies"]
     return client
 

@@ -3,17 +3,8 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
-
-import pytest
 
 from app.settings import Key
-
-pytestmark = pytest.mark.skipif(
-    not (Path(__file__).resolve().parents[2] / "engine" / "catalog.py").exists(),
-    reason="engine/catalog.py is not there yet",
-)
-
 
 def open_picker(qtbot, window):
     with qtbot.waitSignal(window.client.models_listed, timeout=30_000):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.cache import ExpertCache
-from engine.policies import POLICIES, make_policy
+from engine.cache.expert_cache import ExpertCache
+from engine.cache.policies import POLICIES, make_policy
+from tiny_models import resident
 
 
 def access(cache: ExpertCache, layer: int, experts: list[int], step: int, limit: int = 8) -> list[bool]:
@@ -24,9 +25,9 @@ def test_lru_evicts_least_recent():
     assert access(cache, 0, [2], 2) == [False]
     assert access(cache, 0, [1], 3) == [True]
     assert access(cache, 0, [3], 4) == [False]  # evicts 2, the least recently used
-    assert sorted(cache.resident_keys()) == [(0, 1), (0, 3)]
+    assert sorted(resident(cache)) == [(0, 1), (0, 3)]
     assert access(cache, 0, [2], 5) == [False]  # evicts 1
-    assert sorted(cache.resident_keys()) == [(0, 2), (0, 3)]
+    assert sorted(resident(cache)) == [(0, 2), (0, 3)]
 
 
 def test_lfu_keeps_frequent_and_refuses_a_weaker_newcomer():
@@ -34,7 +35,7 @@ def test_lfu_keeps_frequent_and_refuses_a_weaker_newcomer():
     for step in range(1, 4):
         access(cache, 0, [5], step)
     assert access(cache, 0, [6], 4) == [False]
-    assert cache.resident_keys() == [(0, 5)]  # 6 used once < 5 used three times: not admitted
+    assert resident(cache) == [(0, 5)]  # 6 used once < 5 used three times: not admitted
 
 
 def test_decay_forgets_old_popularity():
@@ -44,17 +45,17 @@ def test_decay_forgets_old_popularity():
         access(cache, 0, [0], step)
     for step in range(200, 206):
         access(cache, 0, [1], step)
-    assert cache.resident_keys() == [(0, 1)]
+    assert resident(cache) == [(0, 1)]
 
 
 def test_static_keeps_profile_set():
     profile = np.array([[0, 9, 0, 7]], dtype=float)
     cache = ExpertCache(1, 4, make_policy("static", 1, 4, profile), capacity=2)
     cache.preload(profile)
-    assert sorted(cache.resident_keys()) == [(0, 1), (0, 3)]
+    assert sorted(resident(cache)) == [(0, 1), (0, 3)]
     for step in range(1, 10):
         access(cache, 0, [0, 2], step)
-    assert sorted(cache.resident_keys()) == [(0, 1), (0, 3)]
+    assert sorted(resident(cache)) == [(0, 1), (0, 3)]
 
 
 def test_per_layer_scope_splits_slots_and_pooled_shares_them():
@@ -65,7 +66,7 @@ def test_per_layer_scope_splits_slots_and_pooled_shares_them():
     access(pooled, 0, [0, 1], 1)
     assert pooled.cached_count() == 2
     access(pooled, 1, [3], 2)
-    assert (1, 3) in pooled.resident_keys() and pooled.cached_count() == 2
+    assert (1, 3) in resident(pooled) and pooled.cached_count() == 2
 
 
 def test_admission_limit_and_reservation():
@@ -86,10 +87,10 @@ def test_resize_keeps_the_best_and_renumbers_slots():
         access(cache, 0, [e], step)
     assert cache.cached_count() == 4
     moves = cache.resize(2, step=11)
-    assert sorted(cache.resident_keys()) == [(0, 2), (0, 3)]
+    assert sorted(resident(cache)) == [(0, 2), (0, 3)]
     assert sorted(new for _, new in moves) == [0, 1]
     cache.resize(6, step=12)
-    assert sorted(cache.resident_keys()) == [(0, 2), (0, 3)] and cache.capacity == 6
+    assert sorted(resident(cache)) == [(0, 2), (0, 3)] and cache.capacity == 6
 
 
 def test_capacity_never_exceeds_all_experts():
@@ -125,5 +126,5 @@ def test_predictive_scores_compare_across_layers_and_survive_prefill_steps():
     for step in range(2, 40):
         access(cache, 0, [step % 2], step)  # layer 0 alternates between two experts
         access(cache, 1, [3], step)  # layer 1 always uses one
-    assert sorted(cache.resident_keys()) == [(0, 0), (0, 1), (1, 3)]
+    assert sorted(resident(cache)) == [(0, 0), (0, 1), (1, 3)]
     assert np.isfinite(policy.priority(40)).all() and policy.priority(40).shape == (2, 4)

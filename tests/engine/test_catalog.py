@@ -2,7 +2,7 @@ import shutil
 
 import huggingface_hub.constants as hf_constants
 
-from engine.catalog import list_models
+from engine.model.catalog import list_models
 
 
 def test_lists_cache_models_by_repo_id_and_folders_with_errors(tiny_model, tmp_path, monkeypatch):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
-from engine.cli import main
+from engine.tools.cli import main
 
 
 def run_json(capsys, *argv) -> dict:
@@ -67,3 +68,14 @@ def test_profile_command(tiny_model, capsys, tmp_path):
     assert r["profile"] == str(out) and r["prompts"] == 8 and 0.25 <= r["top_quarter_token_share"] <= 1
     counts = json.loads(out.read_text())["counts"]
     assert len(counts) == 3 and sum(map(sum, counts)) > 0
+
+
+def test_weight_formats_on_the_command_line(tiny_model, capsys):
+    r = run_json(capsys, "info", "--model", str(tiny_model), "--json")
+    assert set(r["formats"]) == {"source", "int8", "int4"} and r["auto_experts"] == "source"
+    assert all({"expert_bytes", "ram_needed_bytes", "fits_ram"} <= set(v) for v in r["formats"].values())
+    g = run_json(capsys, "generate", "--model", str(tiny_model), "--prompt-ids", "1,2,3", "--max-new-tokens", "3",
+                 "--device", "cpu", "--experts", "int4", "--dense", "int8", "--json")
+    assert (g["stats"]["experts"], g["stats"]["dense"]) == ("int4", "int8")
+    q = run_json(capsys, "quantize", "--model", str(tiny_model), "--experts", "int8", "--json")
+    assert q["experts"] == "int8" and q["copy"] and (Path(q["copy"]) / "manifest.json").exists()

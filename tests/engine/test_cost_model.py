@@ -1,4 +1,4 @@
-from engine.cost_model import DEVICE_PROFILES, CostModel
+from engine.moe.cost_model import DEVICE_PROFILES, CostModel
 
 EXPERT = 3 * 4096 * 14336 * 2  # one Mixtral expert in bf16
 FLOPS = 2 * 3 * 4096 * 14336

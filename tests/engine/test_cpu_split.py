@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from engine.cpu_split import SplitRunner
+from engine.moe.cpu_split import SplitRunner
 
 
 def test_runs_both_halves_and_keeps_their_order():
@@ -48,7 +48,7 @@ def test_a_dropped_runner_ends_its_threads():
 
 
 def test_many_ways_keep_order_and_cut_evenly():
-    from engine.cpu_split import chunks
+    from engine.moe.cpu_split import chunks
 
     runner = SplitRunner(workers=3)
     assert runner.ways == 4
@@ -63,7 +63,7 @@ def test_many_ways_keep_order_and_cut_evenly():
 def test_split_linear_matches_linear_and_leaves_batches_alone():
     import torch
 
-    from engine.cpu_split import SplitLinear
+    from engine.moe.cpu_split import SplitLinear
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 96)
@@ -78,10 +78,11 @@ def test_split_linear_matches_linear_and_leaves_batches_alone():
 def test_two_threads_split_decode_and_restore_the_thread_count(tiny_model_factory, monkeypatch):
     import torch
 
-    from engine import GenerationParams, Session, load_model, runtime
-    from engine.cpu_split import split_linears
+    from engine import GenerationParams, Session, load_model
+    from engine.moe import cpu_experts
+    from engine.moe.cpu_split import split_linears
 
-    monkeypatch.setattr(runtime, "one_row_thread_speedup", lambda w: 1.0)  # as MKL measures on 2 cores here
+    monkeypatch.setattr(cpu_experts, "one_row_thread_speedup", lambda w: 1.0)  # as MKL measures on 2 cores here
 
     path = tiny_model_factory("qwen3_moe")
     params = GenerationParams(max_new_tokens=6, greedy=True, repetition_penalty=1.0)
@@ -90,9 +91,9 @@ def test_two_threads_split_decode_and_restore_the_thread_count(tiny_model_factor
     loaded = load_model(path, device="cpu", budget=0.3, threads=2, profile=None)
     rt = loaded.runtime
     try:
-        assert rt.split is not None and torch.get_num_threads() == 2
-        linears = split_linears(loaded.model, rt.split, min_bytes=0)  # tiny layers: split them all here
-        rt._split_linears += linears
+        assert rt.cpu.split is not None and torch.get_num_threads() == 2
+        linears = split_linears(loaded.model, rt.cpu.split, min_bytes=0)  # tiny layers: split them all here
+        rt.cpu.split_linears += linears
         assert [e.token_id for e in Session(loaded).generate([5, 6, 7, 8], params)] == expected
         assert torch.get_num_threads() == 2  # a decode step's single thread is given back after the step
     finally:
@@ -104,11 +105,12 @@ def test_two_threads_split_decode_and_restore_the_thread_count(tiny_model_factor
 def test_no_split_where_more_threads_speed_up_a_one_row_matmul(tiny_model_factory, monkeypatch):
     import torch
 
-    from engine import load_model, runtime
+    from engine import load_model
+    from engine.moe import cpu_experts
 
-    monkeypatch.setattr(runtime, "one_row_thread_speedup", lambda w: 1.8)  # MKL threads its GEMV: leave it be
+    monkeypatch.setattr(cpu_experts, "one_row_thread_speedup", lambda w: 1.8)  # MKL threads its GEMV: leave it be
     try:
         loaded = load_model(tiny_model_factory("qwen3_moe"), device="cpu", threads=2, profile=None)
-        assert loaded.runtime.split is None
+        assert loaded.runtime.cpu.split is None
     finally:
         torch.set_num_threads(1)

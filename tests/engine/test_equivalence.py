@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine import GenerationParams, Session, load_model
-from engine.policies import POLICIES
+from engine.cache.policies import POLICIES
 from tiny_models import ARCHITECTURES
 
 PROMPT = [5, 17, 42, 99, 7, 3, 250, 11, 64, 128]
@@ -39,13 +39,13 @@ def engine_tokens(session: Session, on_token=None) -> list[int]:
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("device,force_slots", [
-    ("cpu", False), ("cpu", True), pytest.param("cuda", False, marks=needs_cuda)], ids=["logical", "slots", "cuda"])
+    ("cpu", False), ("cpu", True), pytest.param("cuda", False, marks=needs_cuda)], ids=["simulated", "slots", "cuda"])
 def test_same_greedy_tokens_as_transformers(tiny_model_factory, arch, device, force_slots):
     path = tiny_model_factory(arch)
     expected = reference_tokens(path, device)
     loaded = load_model(path, device=device, budget=0, force_slots=force_slots, profile=None)
     rt = loaded.runtime
-    assert rt is not None and rt.logical is (device == "cpu" and not force_slots)
+    assert rt is not None and rt.simulated_cache is (device == "cpu" and not force_slots)
     session = Session(loaded)
     for policy in POLICIES:
         rt.set_policy(policy)
@@ -63,27 +63,27 @@ def test_same_greedy_tokens_as_transformers(tiny_model_factory, arch, device, fo
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("force_slots", [False, True], ids=["logical", "slots"])
+@pytest.mark.parametrize("force_slots", [False, True], ids=["simulated", "slots"])
 def test_cpu_experts_split_over_two_threads(tiny_model_factory, arch, force_slots):
     """The decode step's CPU experts spread over worker threads (on when torch has 2+ threads)."""
-    from engine.cpu_split import SplitRunner
+    from engine.moe.cpu_split import SplitRunner
 
     path = tiny_model_factory(arch)
     loaded = load_model(path, device="cpu", budget=0.3, force_slots=force_slots, profile=None)
     rt = loaded.runtime
     for ways in (2, 3):  # two and three parts (top-k 2 models run two)
-        rt.split = SplitRunner(workers=ways - 1)
+        rt.cpu.split = SplitRunner(workers=ways - 1)
         try:
             assert engine_tokens(Session(loaded)) == reference_tokens(path), ways
         finally:
-            rt.split.close()
+            rt.cpu.split.close()
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("force_slots", [False, True], ids=["logical", "slots"])
+@pytest.mark.parametrize("force_slots", [False, True], ids=["simulated", "slots"])
 def test_numpy_cpu_matmuls(tiny_model_factory, arch, force_slots):
     """numpy computes the CPU SwiGLU experts, on one thread and split over two: the same tokens."""
-    from engine.cpu_split import SplitRunner
+    from engine.moe.cpu_split import SplitRunner
 
     path = tiny_model_factory(arch)
     expected = reference_tokens(path)
@@ -91,17 +91,17 @@ def test_numpy_cpu_matmuls(tiny_model_factory, arch, force_slots):
     rt = loaded.runtime
     rt.set_cpu_matmul("numpy")
     swiglu = arch != "gpt_oss"  # GPT-OSS's clamped, biased gate stays with torch
-    assert rt._own[0].swiglu is swiglu and rt.cpu_matmul == ("numpy" if swiglu else "torch")
-    assert all(own.numpy is swiglu for own in rt._own)
+    assert rt.cpu.weights[0].swiglu is swiglu and rt.cpu_matmul == ("numpy" if swiglu else "torch")
+    assert all((own.backend == "numpy") is swiglu for own in rt.cpu.weights)
     assert engine_tokens(Session(loaded)) == expected
-    rt.split = SplitRunner(workers=1)
+    rt.cpu.split = SplitRunner(workers=1)
     try:
         assert engine_tokens(Session(loaded)) == expected
     finally:
-        rt.split.close()
-        rt.split = None
+        rt.cpu.split.close()
+        rt.cpu.split = None
     rt.set_cpu_matmul("torch")
-    assert isinstance(rt._own[0].mats1[0], torch.Tensor)
+    assert isinstance(rt.cpu.weights[0].mats1[0], torch.Tensor)
     assert engine_tokens(Session(loaded)) == expected
 
 
@@ -133,7 +133,7 @@ def test_budget_changed_mid_generation(tiny_model_factory, arch, device):
     assert len(set(sizes)) > 3
     # the slot tensors really shrink with the budget
     rt.set_budget(0.25)
-    assert rt.slots[rt.names[0]].shape[0] == rt.cache.capacity == int(0.25 * rt.expert_bytes_total) // rt.expert_bytes
+    assert rt.slots.tensors[rt.names[0]].shape[0] == rt.cache.capacity == int(0.25 * rt.expert_bytes_total) // rt.expert_bytes
 
 
 def test_model_without_moe_runs_plain(tiny_model_factory):
@@ -150,13 +150,13 @@ def test_numpy_swiglu_gate_matches_torch():
 
     import numpy as np
 
-    from engine.experts import _np_swiglu
+    from engine.moe.expert_math import NumpyCpu
 
     gate = np.array([[-200.0, -90.0, -1.5, 0.0, 0.7, 30.0, 200.0]], dtype=np.float32)
     up = np.array([[1.0, -2.0, 3.0, 4.0, -0.5, 2.0, 1.0]], dtype=np.float32)
     identity = SimpleNamespace(mats1=[np.eye(14, dtype=np.float32)])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got = _np_swiglu(np.concatenate([gate, up], axis=1), [0], [1], identity)
+        got = NumpyCpu.swiglu(np.concatenate([gate, up], axis=1), [0], [1], identity)
     want = torch.nn.functional.silu(torch.from_numpy(gate)) * torch.from_numpy(up)
     torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-6, atol=0)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.cache import ExpertCache
-from engine.policies import POLICY_CLASSES, Policy, make_policy
-from engine.simulator import _row_experts, optimal_hits, replay
-from engine.trace import Trace
+from engine.cache.expert_cache import ExpertCache
+from engine.cache.policies import POLICY_CLASSES, Policy, make_policy
+from engine.tools.simulator import _row_experts, optimal_hits, replay
+from engine.tools.trace import Trace
+from tiny_models import resident
 
 
 class Fixed(Policy):
@@ -74,9 +75,9 @@ def test_prefetch_pooled_may_evict_another_layer():
     prio = np.array([[0.9, 0.8, 0.0], [0.1, 0.0, 0.0]])
     cache = ExpertCache(2, 3, Fixed(prio, np.ones((2, 3))), capacity=2, scope="pooled")
     cache.prefetch(1, step=1)  # layer 1 fills the pool first
-    assert sorted(cache.resident_keys()) == [(1, 0), (1, 1)]
+    assert sorted(resident(cache)) == [(1, 0), (1, 1)]
     done = cache.prefetch(0, step=2)
-    assert sorted(cache.resident_keys()) == [(0, 0), (0, 1)] and all(a.evicted[0] == 1 for a in done)
+    assert sorted(resident(cache)) == [(0, 0), (0, 1)] and all(a.evicted[0] == 1 for a in done)
 
 
 def cross_layer_trace(rows: int = 200, layers: int = 4, seed: int = 0) -> Trace:

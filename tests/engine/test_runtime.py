@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from engine import GenerationParams, Session, load_model
-from engine.cost_model import CostModel, DeviceProfile
-from engine.profiling import load_profile, save_profile
+from engine.moe.cost_model import CostModel, DeviceProfile
+from engine.cache.profiles import load_profile, save_profile
+from tiny_models import resident
 
 GREEDY = GenerationParams(max_new_tokens=8, greedy=True, repetition_penalty=1.0)
 
@@ -54,7 +55,7 @@ def test_counters_add_up(tiny_model):
     assert all(r["hits"] + r["misses"] + r["fetches"] == pairs for r in snap["per_layer"])
     assert snap["hit_rate"] == pytest.approx(snap["hits"] / (pairs * 3))
     assert snap["cached_experts"] <= snap["capacity_experts"] == 12
-    assert snap["logical"] is True and snap["peak_rss_bytes"] >= snap["rss_bytes"] > 0
+    assert snap["simulated_cache"] is True and snap["peak_rss_bytes"] >= snap["rss_bytes"] > 0
     assert snap["decode_tokens_per_s"] > 0 and snap["prefill_tokens_per_s"] > 0
     assert snap["fast_device_bytes"] == loaded.info.dense_bytes + 12 * loaded.runtime.expert_bytes
 
@@ -63,7 +64,7 @@ def test_prefill_fetches_when_the_cost_model_says_so(tiny_model):
     """With real slots and a (modelled) fast bus, a long prompt copies experts instead of CPU work."""
     loaded = load_model(tiny_model, device="cpu", budget=1.0, force_slots=True, profile=None)
     rt = loaded.runtime
-    rt.cost = CostModel(cpu_bytes_per_s=1e9, cpu_flops_per_s=1e9,
+    rt.scheduler.cost = CostModel(cpu_bytes_per_s=1e9, cpu_flops_per_s=1e9,
                         device=DeviceProfile("test bus", 1e12, 1e12, 1e15, 2**34))
     session = Session(loaded)
     session.eos_ids = set()
@@ -88,7 +89,7 @@ def test_profile_warm_starts_the_cache(tiny_model):
     path = save_profile(loaded.info, counts, tokens=10, prompts=1)
     assert load_profile(loaded.info, "auto").tolist() == counts.tolist()
     warm = load_model(tiny_model, device="cpu", budget=0.25, policy="static", profile="auto").runtime
-    assert sorted(warm.cache.resident_keys()) == [(l, e) for l in range(3) for e in (6, 7)]
+    assert sorted(resident(warm.cache)) == [(l, e) for l in range(3) for e in (6, 7)]
     assert path.exists()
 
 
@@ -100,7 +101,7 @@ def test_out_of_memory_mid_reply_halves_the_cache_and_the_reply_goes_on(tiny_mod
     expected = [e.token_id for e in session.generate([1, 2, 3, 4], params)]
     session.reset()
     rt = loaded.runtime
-    real = rt._compute
+    real = rt.scheduler._pair_outputs
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -109,7 +110,7 @@ def test_out_of_memory_mid_reply_halves_the_cache_and_the_reply_goes_on(tiny_mod
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(rt, "_compute", flaky)
+    monkeypatch.setattr(rt.scheduler, "_pair_outputs", flaky)
     before = rt.cache.capacity
     assert [e.token_id for e in session.generate([1, 2, 3, 4], params)] == expected
     assert rt.cache.capacity == before // 2 and rt.max_budget_bytes == rt.budget_bytes

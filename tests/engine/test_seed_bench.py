@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.cli import main
-from engine.cost_model import DEVICE_PROFILES
-from engine.seed_bench import DecodeRun, format_table, model_gpu_token, run_seed_suite, save_chart
+from engine.tools.cli import main
+from engine.moe.cost_model import DEVICE_PROFILES
+from engine.tools.seed_bench import DecodeRun, format_table, model_gpu_token, run_seed_suite, save_chart
 
 
 def test_seed_suite_rows_and_sweep(tiny_model, tmp_path):

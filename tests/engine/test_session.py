@@ -8,7 +8,7 @@ import time
 import pytest
 
 from engine import GenerationParams, Session, load_model
-from engine.session import _Detokenizer, _StopFilter
+from engine.model.session import _Detokenizer, _StopFilter
 
 
 @pytest.fixture(scope="module")

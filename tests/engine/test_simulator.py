@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from engine.cli import main
-from engine.cost_model import DEVICE_PROFILES
-from engine.policies import POLICIES, POLICY_CLASSES
-from engine.simulator import (
+from engine.tools.cli import main
+from engine.moe.cost_model import DEVICE_PROFILES
+from engine.cache.policies import POLICIES, POLICY_CLASSES
+from engine.tools.simulator import (
     Replay,
     _print_table,
     compare,
@@ -21,7 +21,7 @@ from engine.simulator import (
     replay,
     simulate,
 )
-from engine.trace import Trace, save_trace
+from engine.tools.trace import Trace, save_trace
 
 
 def trace_of(rows: list[list[list[int]]], num_experts: int, prefill: int = 0) -> Trace:

@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from engine.cli import main
-from engine.loader import load_model
-from engine.sampling import GenerationParams
-from engine.simulator import replay
-from engine.trace import Trace, load_trace, record_trace, save_trace
+from engine.tools.cli import main
+from engine.model.loader import load_model
+from engine.model.sampling import GenerationParams
+from engine.tools.simulator import replay
+from engine.tools.trace import Trace, load_trace, record_trace, save_trace
 
 
 def test_round_trip_dtypes_and_missing_records(tmp_path):

@@ -13,8 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine import Session, load_model
-from engine.bench import decode_rate
-from engine.loader import LoadedModel, inspect_model
+from engine.tools.bench import decode_rate
+from engine.model.loader import LoadedModel, inspect_model
 
 
 def stock_session(path: str, device: torch.device, implementation: str) -> Session:

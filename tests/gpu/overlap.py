@@ -103,9 +103,9 @@ def main() -> None:
     loaded = load_model(path, device="cuda", budget=0.5, policy="lru", profile=None)
     rt = loaded.runtime
     rt.cache.after_access = lambda *a, **k: []  # freeze the cache while timing
-    rt.cost.should_fetch = lambda *a, **k: False  # misses stay on the CPU, whatever their token count
+    rt.scheduler.cost.should_fetch = lambda *a, **k: False  # misses stay on the CPU, whatever their token count
     if int((rt.cache.slot_of[0] >= 0).sum()) < 2:
-        rt._copy_in(rt.cache.preload(np.ones((rt.num_layers, rt.num_experts))), sync=True)
+        rt.slots.copy_in_stream_order(rt.cache.preload(np.ones((rt.num_layers, rt.num_experts))))
     cached = np.flatnonzero(rt.cache.slot_of[0] >= 0).tolist()
     missing = np.flatnonzero(rt.cache.slot_of[0] < 0).tolist()
     module = rt.modules[0]
@@ -120,7 +120,7 @@ def main() -> None:
     overlap = busy["together_us"] / max(1e-9, min(busy["gpu_kernels_us"], busy["cpu_matmuls_us"]))
     result = {"cpu_misses_s": cpu, "gpu_hit_tokens": HIT_TOKENS, "gpu_hits_s": gpu, "both_s": both,
               "serial_s": cpu + gpu, **busy, "overlap": overlap, "overlapped": overlap >= 0.5,
-              "miss_path_threads": rt.threads, "split_ways": rt.split.ways if rt.split else 1}
+              "miss_path_threads": rt.cpu.threads, "split_ways": rt.cpu.split.ways if rt.cpu.split else 1}
     print(json.dumps(result))
     sys.exit(0 if result["overlapped"] else 1)
 

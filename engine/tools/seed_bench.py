@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .cost_model import DEVICE_PROFILES, DeviceProfile
-from .loader import load_model
-from .session import GenerationParams, Session
+from ..moe.cost_model import DEVICE_PROFILES, DeviceProfile
+from ..model.loader import load_model
+from ..model.session import GenerationParams, Session
 
 PROMPT_LEN = 24
 LAUNCH_S_PER_LAYER = 60e-6  # kernel launches and syncs of one decoder layer on a GPU, decode step
@@ -94,7 +94,7 @@ def decode_run(loaded, prompts: list[list[int]], new_tokens: int) -> DecodeRun:
             cpu_s += b["cpu_time_s"] - a["cpu_time_s"]
     snap = rt.snapshot()
     return DecodeRun(seconds / tokens, hits / tokens, misses / tokens, copied / tokens,
-                     cpu_s / max(1.0, misses.sum() + hits.sum()) if rt.logical else cpu_s / max(1.0, misses.sum()),
+                     cpu_s / max(1.0, misses.sum() + hits.sum()) if rt.simulated_cache else cpu_s / max(1.0, misses.sum()),
                      snap["peak_fast_device_bytes"])
 
 
@@ -162,9 +162,9 @@ def run_seed_suite(model: str | None, *, budget: float = 0.25, policies: tuple[s
 
     log("offload (no cache)…")
     offload = engine(0.0)
-    offload.runtime.miss_path = "copy"
+    offload.runtime.set_miss_path("offload")
     rows.append(gpu_row("offload", "-", 0.0, offload))
-    offload.runtime.miss_path = "cpu"
+    offload.runtime.set_miss_path("cpu")
     log("CPU-GPU without cache…")
     rows.append(gpu_row("cpu-gpu", "-", 0.0, engine(0.0)))
     sweep_rows = []

@@ -1,6 +1,6 @@
 """Rebuild the shipped demo model from scratch: corpus -> tokenizer -> Qwen3-MoE -> resources/demo-model.
 
-    python -m engine.demo_model.train [--steps N] [--out DIR]
+    python -m tools.demo_model.train [--steps N] [--out DIR]
 
 Everything is seeded, so a run on the same machine and thread count rebuilds the same files. At the end
 it evaluates the model on the held-out split and writes manifest.json and the README.md model card.
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from engine.demo_model import DEMO_MODEL_DIR
-from engine.demo_model.corpus import SEED, Example, TrainStream, held_out_examples
-from engine.demo_model.tokenizer import build_tokenizer
+from engine.paths import DEMO_MODEL_DIR
+from tools.demo_model.corpus import SEED, Example, TrainStream, held_out_examples
+from tools.demo_model.tokenizer import build_tokenizer
 
 THREADS = 2
 STEPS = 3000
@@ -116,7 +116,7 @@ def train(steps: int = STEPS, out_dir: Path = DEMO_MODEL_DIR, eval_every: int = 
     """Train and save the model plus tokenizer into out_dir; return a summary of the run."""
     from tqdm import tqdm
 
-    from engine.demo_model.evaluate import greedy_batch
+    from tools.demo_model.evaluate import greedy_batch
 
     torch.set_num_threads(threads)
     torch.manual_seed(SEED)
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = train(args.steps, args.out, args.eval_every, args.threads)
     print(f"trained in {summary['train_seconds']} s", file=sys.stderr)
     if not args.no_card:
-        from engine.demo_model.card import write_card
+        from tools.demo_model.card import write_card
 
         write_card(args.out)
     shutil.rmtree(args.out / "__pycache__", ignore_errors=True)

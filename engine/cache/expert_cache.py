@@ -55,10 +55,6 @@ class ExpertCache:
     def cached_count(self) -> int:
         return int((self.slot_of >= 0).sum())
 
-    def resident_keys(self) -> list[tuple[int, int]]:
-        layers, experts = np.nonzero(self.slot_of >= 0)
-        return list(zip(layers.tolist(), experts.tolist()))
-
     # -- decisions -----------------------------------------------------------------------------
     def _resident_priorities(self, layer: int, prio: np.ndarray) -> np.ndarray:
         """Flat priorities of the residents that may be evicted for `layer` (inf elsewhere, and for

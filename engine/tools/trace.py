@@ -126,7 +126,7 @@ def save_trace(path: str | os.PathLike, trace: Trace) -> Path:
 
 
 class TraceRecorder:
-    """Installed as `runtime.recorder`: keeps each step's per-layer routing, stacks it into rows."""
+    """A runtime observer (`add_observer`): keeps each step's per-layer routing, stacks it into rows."""
 
     def __init__(self, runtime):
         self.runtime = runtime
@@ -134,9 +134,11 @@ class TraceRecorder:
         self.steps: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, layer: int, ids: np.ndarray, weights: np.ndarray) -> None:
+    def __call__(self, event) -> None:
+        ids = event.experts.copy()
+        weights = event.top_k_weights.detach().float().cpu().numpy().reshape(ids.shape)
         with self._lock:
-            self.steps.setdefault(self.runtime.step, {})[layer] = (ids.copy(), weights.reshape(ids.shape).copy())
+            self.steps.setdefault(event.step, {})[event.layer] = (ids, weights)
 
     def rows(self) -> tuple[np.ndarray, np.ndarray]:
         """(experts, weights) of every step so far, in order, [tokens, layers, top_k]; clears the record."""
@@ -166,8 +168,8 @@ def record_trace(loaded, prompts: Iterable[str | list[int]], params, chat: bool 
     Rows are concatenated in prompt order; `prompt_rows` says where each prompt starts and how many
     of its rows are prefill; `prefill_tokens` is the first prompt's.
     """
-    from .errors import EngineError
-    from .session import Session
+    from ..errors import EngineError
+    from ..model.session import Session
 
     runtime = loaded.runtime
     if runtime is None:
@@ -175,7 +177,7 @@ def record_trace(loaded, prompts: Iterable[str | list[int]], params, chat: bool 
     prompts = list(prompts)
     session = Session(loaded)
     recorder = TraceRecorder(runtime)
-    runtime.recorder = recorder
+    runtime.add_observer(recorder)
     experts, weights, segments = [], [], []
     rows = 0
     try:
@@ -196,7 +198,7 @@ def record_trace(loaded, prompts: Iterable[str | list[int]], params, chat: bool 
             experts.append(e)
             weights.append(w)
     finally:
-        runtime.recorder = None
+        runtime.remove_observer(recorder)
     if progress:
         progress(1.0, "trace done")
     prompt_rows = np.array(segments, dtype=np.int64).reshape(-1, 2)

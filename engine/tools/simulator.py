@@ -36,9 +36,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cache import ExpertCache
-from .cost_model import DEVICE_PROFILES
-from .policies import make_policy
+from ..cache.expert_cache import ExpertCache
+from ..cache.policies import make_policy
+from ..moe.cost_model import DEVICE_PROFILES
 from .trace import Trace
 
 DEFAULT_EXPERT_BYTES = 4 * 2**20  # when neither the trace nor --expert-bytes says
@@ -52,14 +52,6 @@ class Replay:
     admissions: np.ndarray  # [rows, layers] experts copied in
     evictions: np.ndarray  # [rows, layers]
     counted: np.ndarray  # [rows] bool: rows that count towards the totals
-
-
-def layer_capacities(capacity: int, num_layers: int, num_experts: int, scope: str) -> np.ndarray:
-    """Slots each layer may hold, as ExpertCache.layer_capacity computes them."""
-    if scope == "pooled":
-        return np.full(num_layers, min(capacity, num_layers * num_experts))
-    base, extra = divmod(capacity, num_layers)
-    return np.minimum(num_experts, base + (np.arange(num_layers) < extra))
 
 
 def counted_rows(trace: Trace, skip_prefill: bool) -> np.ndarray:
@@ -140,7 +132,8 @@ def optimal_hits(trace: Trace, capacity: int, scope: str = "per_layer", *,
     E = trace.num_experts
     counted = counted_rows(trace, skip_prefill)
     nxt = next_use(trace, counted)
-    caps = layer_capacities(capacity, layers, E, scope)
+    sizing = ExpertCache(layers, E, make_policy("lru", layers, E), capacity, scope)  # the cache's own rule
+    caps = [sizing.layer_capacity(layer) for layer in range(layers)]
     pooled = scope == "pooled"
     key = np.full((layers, E), np.inf)  # next use of each cached expert; inf: not cached
     hits = np.zeros(layers, dtype=np.int64)
@@ -185,7 +178,7 @@ def calibrate_cpu_bytes_per_s(expert_bytes: int) -> float:
     """This machine's one-token read bandwidth on a bf16 matrix the size of a third of one expert."""
     import torch
 
-    from .cost_model import calibrate_cpu
+    from ..moe.cost_model import calibrate_cpu
 
     cols = 1024
     rows = max(1, expert_bytes // 2 // 3 // cols)
@@ -295,11 +288,11 @@ def _print_table(rows: list[dict], policies: list[str], best_of: list[str]) -> N
               f"{best:>11}{r['optimum']:>9.3f}{closed:>8.2f}{pred:>7.2f}{copies:>17}")
 
 
-if __name__ == "__main__":  # python -m engine.simulator TRACE.npz ... [--skip-prefill]: the policy table
+if __name__ == "__main__":  # python -m engine.tools.simulator TRACE.npz ... [--skip-prefill]: the policy table
     import sys
     from pathlib import Path
 
-    from .policies import POLICIES
+    from ..cache.policies import POLICIES
     from .trace import load_trace
 
     args = [a for a in sys.argv[1:] if not a.startswith("--")]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import EngineError
+from ..errors import EngineError
 from .loader import LoadedModel
 from .sampling import GenerationParams, choose_token
 

@@ -24,8 +24,11 @@ from pathlib import Path
 import psutil
 import torch
 
-from .errors import Cancelled, InsufficientMemoryError, ModelError
-from .experts import EXPERTS_IMPLEMENTATION, expert_tensor_names, is_experts_module
+from ..errors import Cancelled, EngineError, InsufficientMemoryError, ModelError
+from . import quantized_copy
+from ..moe.interface import EXPERTS_IMPLEMENTATION, expert_tensor_names, is_experts_module
+from ..moe.quantize import (FORMATS, check_format, dense_linears, int4_group_size, meta_like, quantize_dense, quantize_experts,
+                            quantize_stack, quantized_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ SAFETENSORS_DTYPES = {
     "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E8M0": 1, "F4": 1,
 }
 DEFAULT_CONTEXT = 4096  # tokens of KV cache the memory estimate makes room for
+RAM_HEADROOM = 0.9  # `auto` picks a format that needs at most this share of the free RAM
 
 
 @dataclass
@@ -58,19 +62,54 @@ class ModelInfo:
     has_chat_template: bool
     kv_bytes_per_token: int = 0
     weight_files: list[str] = field(default_factory=list)
+    expert_matrices: list[list[int]] = field(default_factory=list)  # [out, in] of each matrix of one expert
+    dense_linears: list[list[int]] = field(default_factory=list)  # [out, in] of each layer a dense format applies to
 
-    def memory_estimate(self, device: str = "cpu", context: int = DEFAULT_CONTEXT) -> dict:
+    def expert_bytes_in(self, fmt: str) -> int:
+        """One expert's bytes when held in `fmt` (biases stay at the source precision)."""
+        esize = torch.tensor([], dtype=getattr(torch, self.dtype)).element_size()
+        matrices = sum(o * i for o, i in self.expert_matrices) * esize
+        held = sum(quantized_bytes(o, i, fmt, esize) for o, i in self.expert_matrices)
+        return self.expert_bytes - matrices + held
+
+    def dense_bytes_in(self, fmt: str) -> int:
+        esize = torch.tensor([], dtype=getattr(torch, self.dtype)).element_size()
+        linears = sum(o * i for o, i in self.dense_linears) * esize
+        return self.dense_bytes - linears + sum(quantized_bytes(o, i, fmt, esize) for o, i in self.dense_linears)
+
+    def memory_estimate(self, device: str = "cpu", context: int = DEFAULT_CONTEXT, experts: str = "source",
+                        dense: str = "source") -> dict:
         """Bytes needed in RAM and on the fast device, before loading anything."""
         kv = self.kv_bytes_per_token * context
         overhead = 256 * 2**20  # torch, transformers, the tokenizer and activations
+        expert_total = self.expert_bytes_in(experts) * self.num_experts * self.num_moe_layers
         if device == "cuda":
-            return {"ram_bytes": self.expert_bytes_total + overhead, "fast_device_bytes": self.dense_bytes + kv}
-        return {"ram_bytes": self.expert_bytes_total + self.dense_bytes + kv + overhead, "fast_device_bytes": 0}
+            return {"ram_bytes": expert_total + overhead, "fast_device_bytes": self.dense_bytes_in(dense) + kv}
+        return {"ram_bytes": expert_total + self.dense_bytes_in(dense) + kv + overhead, "fast_device_bytes": 0}
+
+    def formats(self, device: str = "cpu") -> dict:
+        """Per expert format (dense following it on the CPU): bytes and whether it fits the free RAM."""
+        available = psutil.virtual_memory().available
+        out = {}
+        for fmt in FORMATS:
+            dense = fmt if device == "cpu" else "source"
+            ram = self.memory_estimate(device, experts=fmt, dense=dense)["ram_bytes"]
+            out[fmt] = {"expert_bytes": self.expert_bytes_in(fmt), "dense": dense,
+                        "expert_bytes_total": self.expert_bytes_in(fmt) * self.num_experts * self.num_moe_layers,
+                        "ram_needed_bytes": ram, "fits_ram": ram <= available * RAM_HEADROOM}
+        return out
+
+    def auto_format(self, device: str = "cpu") -> str | None:
+        """The most precise expert format that fits the free RAM with headroom; None if none does."""
+        fits = self.formats(device)
+        return next((fmt for fmt in FORMATS if fits[fmt]["fits_ram"]), None)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        ram = self.memory_estimate("cuda" if torch.cuda.is_available() else "cpu")["ram_bytes"]
-        d.update(ram_needed_bytes=ram, fits_ram=ram <= psutil.virtual_memory().available)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        ram = self.memory_estimate(device)["ram_bytes"]
+        d.update(ram_needed_bytes=ram, fits_ram=ram <= psutil.virtual_memory().available,
+                 formats=self.formats(device), auto_experts=self.auto_format(device))
         return d
 
 
@@ -81,6 +120,8 @@ class LoadedModel:
     info: ModelInfo
     runtime: object | None  # HybridRuntime, or None for a model without MoE layers
     device: torch.device
+    experts: str = "source"  # the formats the experts and the dense layers are held in
+    dense: str = "source"
 
 
 # -- finding and checking files ---------------------------------------------------------------------
@@ -303,7 +344,18 @@ def inspect_model(source: str | os.PathLike, *, trust_remote_code: bool = False)
         has_chat_template=chat_template,
         kv_bytes_per_token=_kv_bytes_per_token(config, dtype),
         weight_files=[f.name for f in files],
+        expert_matrices=_expert_matrices(experts[0]) if experts else [],
+        dense_linears=[[m.out_features, m.in_features] for _, _, m in dense_linears(meta)],
     )
+
+
+def _expert_matrices(module: torch.nn.Module) -> list[list[int]]:
+    shapes = []
+    for name in expert_tensor_names(module):
+        if not name.endswith("_bias"):
+            _, a, b = getattr(module, name).shape
+            shapes.append([b, a] if module.is_transposed else [a, b])
+    return shapes
 
 
 def _display_name(path: Path) -> str:
@@ -334,11 +386,15 @@ def default_threads() -> int:
 class _ProgressLoop:
     """Stands in for transformers' tqdm around its weight-loading loop: reports progress, honours cancel."""
 
-    def __init__(self, progress: Progress | None, cancel: threading.Event | None, lo: float, hi: float):
-        self.progress, self.cancel, self.lo, self.hi = progress, cancel, lo, hi
+    def __init__(self, progress: Progress | None, cancel: threading.Event | None, lo: float, hi: float,
+                 reading: _QuantizedReading | None = None):
+        self.progress, self.cancel, self.lo, self.hi, self.reading = progress, cancel, lo, hi, reading
 
     def __call__(self, iterable=None, *args, **kwargs):
         items = list(iterable) if iterable is not None else []
+        if self.reading is not None:  # (target name, converter) pairs: the saved copy's are not read
+            items = [it for it in items if not (isinstance(it, tuple) and isinstance(it[0], str)
+                                                 and self.reading.skip(it[0]))]
         for i, item in enumerate(items):
             if self.cancel is not None and self.cancel.is_set():
                 raise Cancelled("loading was cancelled")
@@ -346,6 +402,8 @@ class _ProgressLoop:
                 self.progress(self.lo + (self.hi - self.lo) * i / max(1, len(items)),
                               f"reading weights ({i}/{len(items)})")
             yield item
+        if self.reading is not None:
+            self.reading.finish()
 
 
 def _pread_safe_open(safe_open):
@@ -384,7 +442,58 @@ def _return_freed_memory():
             libc.mallopt(m_mmap_threshold, 32 << 20)
 
 
-def _from_pretrained(cls, path: Path, dtype, experts: bool, trust_remote_code: bool, progress, cancel):
+class _QuantizedReading:
+    """Stands in for transformers' `set_param_for_module` while a model loads with quantized experts:
+    each stacked expert parameter is quantized as it arrives, so the source-precision experts are never
+    all in RAM at once; where the saved copy has it, the loading loop `skip`s it (never read) and
+    `finish` takes it from the copy. The parameters themselves are left on the meta device."""
+
+    def __init__(self, set_param, fmt: str, saved: dict[str, torch.Tensor] | None):
+        self.set_param, self.fmt, self.saved = set_param, fmt, saved
+        self.context = None  # (model, loading_info), seen on the first call
+        self.skipped: list[str] = []
+
+    def skip(self, target_name: str) -> bool:
+        if self.saved is not None and target_name + ".q" in self.saved:
+            self.skipped.append(target_name)
+            return True
+        return False
+
+    def __call__(self, model, target_name, param, loading_info, *args, **kwargs):
+        self.context = (model, loading_info)
+        module, name = self._expert(model, target_name)
+        if module is not None:
+            if not self._take_saved(module, name, target_name):
+                quantize_stack(module, name, param, self.fmt)
+            param = meta_like(param)
+        return self.set_param(model, target_name, param, loading_info, *args, **kwargs)
+
+    def finish(self) -> None:
+        for target_name in self.skipped:
+            model, loading_info = self.context
+            module, name = self._expert(model, target_name)
+            self._take_saved(module, name, target_name)
+            self.set_param(model, target_name, meta_like(getattr(module, name)), loading_info, None)
+
+    @staticmethod
+    def _expert(model, target_name: str) -> tuple[torch.nn.Module | None, str]:
+        module_path, _, name = target_name.rpartition(".")
+        module = model.get_submodule(module_path) if module_path else model
+        if is_experts_module(module) and name in expert_tensor_names(module) and not name.endswith("_bias"):
+            return module, name
+        return None, name
+
+    def _take_saved(self, module: torch.nn.Module, name: str, target_name: str) -> bool:
+        if self.saved is None or target_name + ".q" not in self.saved:
+            return False
+        tensors = module.__dict__.setdefault("_moe_tensors", {})
+        for part in (".q", ".scale"):
+            tensors[name + part] = self.saved[target_name + part]
+        return True
+
+
+def _from_pretrained(cls, path: Path, dtype, experts: bool, trust_remote_code: bool, progress, cancel,
+                     fmt: str = "source", saved: dict[str, torch.Tensor] | None = None):
     import transformers.core_model_loading as cml
     import transformers.modeling_utils as mu
     from transformers.utils import logging as hf_logging
@@ -396,8 +505,14 @@ def _from_pretrained(cls, path: Path, dtype, experts: bool, trust_remote_code: b
         kwargs["experts_implementation"] = EXPERTS_IMPLEMENTATION
     original = getattr(cml, "tqdm", None)
     original_open = mu.safe_open
-    cml.tqdm = _ProgressLoop(progress, cancel, 0.1, 0.85)
+    reading = _QuantizedReading(cml.set_param_for_module, fmt, saved) if fmt != "source" else None
+    cml.tqdm = _ProgressLoop(progress, cancel, 0.1, 0.85, reading)
     mu.safe_open = _pread_safe_open(original_open)
+    original_set = cml.set_param_for_module
+    async_load = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
+    if reading is not None:  # one tensor at a time: read, quantize, free
+        cml.set_param_for_module = reading
+        os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -412,6 +527,9 @@ def _from_pretrained(cls, path: Path, dtype, experts: bool, trust_remote_code: b
     finally:
         cml.tqdm = original
         mu.safe_open = original_open
+        cml.set_param_for_module = original_set
+        if async_load is None:
+            os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
         hf_logging.set_verbosity(verbosity)
     if info.get("mismatched_keys"):
         name, found, expected = sorted(info["mismatched_keys"])[0]
@@ -455,8 +573,11 @@ def _place(model: torch.nn.Module, experts: list[torch.nn.Module], device: torch
     total = sum(p.numel() for p in model.parameters()) or 1
     done = 0
     for module in model.modules():
+        quantized = getattr(module, "_moe_tensors", None)
+        if quantized is not None and device.type == "cuda":
+            module._moe_tensors = {n: _pinned(t) for n, t in quantized.items()}
         for name, p in list(module._parameters.items()):
-            if p is None:
+            if p is None or p.is_meta:  # meta: held quantized elsewhere
                 continue
             if id(p) not in placed:
                 data = p.data
@@ -492,6 +613,55 @@ def _load_tokenizer(path: Path, trust_remote_code: bool):
         raise ModelError(f"the tokenizer files in {path} could not be read ({type(e).__name__}: {e})") from None
 
 
+def choose_formats(info: ModelInfo, device: str, experts: str, dense: str, check_memory: bool = True) -> tuple[str, str]:
+    """Resolve the `--experts` / `--dense` choices. `auto` experts: the checkpoint's precision when the
+    model fits the free RAM with headroom, else int8, else int4; `auto` dense: the experts' format when
+    the fast device is the CPU (its bytes are read every token), the source precision on a GPU."""
+    try:
+        experts, dense = check_format(experts), check_format(dense)
+    except ValueError as e:
+        raise EngineError(str(e)) from None
+    if info.num_moe_layers == 0:
+        experts = "source"
+    elif experts == "auto":
+        experts = info.auto_format(device) if check_memory else "source"
+        if experts is None:
+            need = {f: v["ram_needed_bytes"] / 2**30 for f, v in info.formats(device).items()}
+            raise InsufficientMemoryError(
+                f"{info.name} needs about " + ", ".join(f"{v:.1f} GiB of RAM with {f} experts" for f, v in need.items())
+                + f", but only {psutil.virtual_memory().available / 2**30:.1f} GiB is free; close other programs "
+                "or pick a smaller model")
+    if dense == "auto":
+        dense = experts if device == "cpu" else "source"
+    if device != "cpu" and dense != "source":
+        raise EngineError("quantized dense layers run on the CPU only for now; use --dense source with a GPU")
+    if device != "cpu" and experts == "int4":
+        raise EngineError("int4 experts need the CPU as the fast device for now (their packing is the CPU "
+                          "kernel's); use --experts int8 with a GPU")
+    if experts == "int4" and any(int4_group_size(o, i) is None for o, i in info.expert_matrices):
+        raise EngineError(f"{info.name}'s expert matrices {info.expert_matrices} do not fit the int4 kernel "
+                          "(output channels divisible by 16, input channels by 32); use --experts int8")
+    return experts, dense
+
+
+def _check_memory(info: ModelInfo, dev: torch.device, experts: str, dense: str) -> None:
+    """Refuse, with the numbers, a model the free RAM (or GPU memory) cannot hold in these formats."""
+    need = info.memory_estimate(dev.type, experts=experts, dense=dense)
+    available = psutil.virtual_memory().available
+    if need["ram_bytes"] > available:
+        raise InsufficientMemoryError(
+            f"{info.name} needs about {need['ram_bytes'] / 2**30:.1f} GiB of RAM with {experts} experts but only "
+            f"{available / 2**30:.1f} GiB is free; close other programs, try --experts int4, or pick a smaller model"
+        )
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        if need["fast_device_bytes"] > free:
+            raise InsufficientMemoryError(
+                f"{info.name}'s dense weights and KV cache need about {need['fast_device_bytes'] / 2**30:.1f} GiB "
+                f"of GPU memory but only {free / 2**30:.1f} GiB is free; use --device cpu or a smaller model"
+            )
+
+
 def load_model(
     source: str | os.PathLike,
     *,
@@ -506,29 +676,23 @@ def load_model(
     check_memory: bool = True,
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
+    experts: str = "auto",
+    dense: str = "auto",
+    save_copy: bool = True,
 ) -> LoadedModel:
-    """Load a model for the hybrid engine. `profile="auto"` warm-starts the cache from a saved profile."""
-    from .profiling import load_profile
-    from .runtime import HybridRuntime
+    """Load a model for the hybrid engine. `profile="auto"` warm-starts the cache from a saved profile;
+    `experts` and `dense` are weight formats (see `choose_formats`); quantized experts are saved once
+    in the user's data folder (`save_copy`) and read from there by later loads."""
+    from ..cache.profiles import load_profile
+    from ..moe.runtime import HybridRuntime
 
     report = progress or (lambda f, m: None)
     report(0.0, "checking files")
     info = inspect_model(source, trust_remote_code=trust_remote_code)
     dev = pick_device(device)
-    need = info.memory_estimate(dev.type)
-    available = psutil.virtual_memory().available
-    if check_memory and need["ram_bytes"] > available:
-        raise InsufficientMemoryError(
-            f"{info.name} needs about {need['ram_bytes'] / 2**30:.1f} GiB of RAM but only "
-            f"{available / 2**30:.1f} GiB is free; close other programs or pick a smaller model"
-        )
-    if check_memory and dev.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(dev)
-        if need["fast_device_bytes"] > free:
-            raise InsufficientMemoryError(
-                f"{info.name}'s dense weights and KV cache need about {need['fast_device_bytes'] / 2**30:.1f} GiB "
-                f"of GPU memory but only {free / 2**30:.1f} GiB is free; use --device cpu or a smaller model"
-            )
+    experts, dense = choose_formats(info, dev.type, experts, dense, check_memory)
+    if check_memory:
+        _check_memory(info, dev, experts, dense)
     torch.set_num_threads(threads or default_threads())
     path = Path(info.path)
     raw = _read_config(path)
@@ -536,23 +700,38 @@ def load_model(
     cls = _model_class(config)
     dtype = getattr(torch, info.dtype)
     report(0.1, "reading weights")
-    model = _from_pretrained(cls, path, dtype, info.num_moe_layers > 0, trust_remote_code, progress, cancel)
+    saved = quantized_copy.load(path, info.weight_files, experts) if experts != "source" else None
+    if saved is not None:
+        report(0.1, f"reading weights (experts from the saved {experts} copy)")
+    model = _from_pretrained(cls, path, dtype, info.num_moe_layers > 0, trust_remote_code, progress, cancel,
+                             experts, saved)
     model.eval()
     model.requires_grad_(False)
     if cancel is not None and cancel.is_set():
         raise Cancelled("loading was cancelled")
-    experts = [m for m in model.modules() if is_experts_module(m)]
+    named = {name: m for name, m in model.named_modules() if is_experts_module(m)}
+    modules = list(named.values())
+    if experts != "source":
+        for m in modules:
+            quantize_experts(m, experts)
+        if saved is None and save_copy:
+            report(0.85, f"saving the {experts} experts for the next load")
+            quantized_copy.save(named, path, info.weight_files, experts)
+    if dense != "source":
+        report(0.85, f"quantizing dense layers to {dense}")
+        quantize_dense(model, dense)
     report(0.85, f"placing weights on {dev}")
-    _place(model, experts, dev, lambda f: report(0.85 + 0.05 * f, f"placing weights on {dev}"))
+    _place(model, modules, dev, lambda f: report(0.85 + 0.05 * f, f"placing weights on {dev}"))
     report(0.9, "loading the tokenizer")
     tokenizer = _load_tokenizer(path, trust_remote_code)
     runtime = None
-    if experts:
+    if modules:
         report(0.95, "calibrating the cost model")
         counts = load_profile(info, profile) if profile else None
-        runtime = HybridRuntime(model, experts, dev, budget=budget, policy=policy, scope=scope,
-                                force_slots=force_slots, profile=counts, dense_bytes=info.dense_bytes)
+        runtime = HybridRuntime(model, modules, dev, budget=budget, policy=policy, scope=scope,
+                                force_slots=force_slots, profile=counts, dense_bytes=info.dense_bytes_in(dense))
     else:
         log.info("%s has no MoE layers: it runs as a plain model, without an expert cache", info.name)
     report(1.0, "ready")
-    return LoadedModel(model=model, tokenizer=tokenizer, info=info, runtime=runtime, device=dev)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, runtime=runtime, device=dev,
+                       experts=experts, dense=dense)

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .experts import expert_ffn, expert_ffn_combined
-from .loader import LoadedModel, inspect_model, load_model
-from .session import GenerationParams, Session
+from ..model.loader import LoadedModel, inspect_model, load_model
+from ..model.session import GenerationParams, Session
+from ..moe.quantize import FORMATS, QuantLinear, check_format
 
 SYNTHETIC = dict(  # >= 8 layers, 32 experts, top-4, hidden 512: the shape the performance goal names
     vocab_size=4096, hidden_size=512, intermediate_size=1024, moe_intermediate_size=512,
@@ -80,19 +80,14 @@ def miss_path_bandwidth(loaded: LoadedModel, tokens: int = 40) -> float:
     steps = [[torch.randperm(rt.num_experts, generator=g)[:top_k].sort().values.numpy() for _ in rt.modules]
              for _ in range(tokens)]
     x = torch.randn(1, hidden, dtype=getattr(rt.modules[0], rt.names[0]).dtype)
-    threads = torch.get_num_threads()
-    if rt.split is not None:
-        torch.set_num_threads(1)
     best = float("inf")
-    try:
+    with rt.cpu.decode_threads():
         for _ in range(3):
             t = time.perf_counter()
             for step in steps:
-                for module, w, ids in zip(rt.modules, rt._own, step):
-                    expert_ffn(module, x, ids, w, rt.split)
+                for layer, (module, ids) in enumerate(zip(rt.modules, step)):
+                    rt.cpu.ffn(module, x, ids, layer)
             best = min(best, time.perf_counter() - t)
-    finally:
-        torch.set_num_threads(threads)
     return tokens * len(rt.modules) * top_k * rt.expert_bytes / best
 
 
@@ -106,43 +101,36 @@ def scheduler_overhead(loaded: LoadedModel, prompt: list[int], new_tokens: int =
     `bookkeeping_us`, the scheduler's own share. All run on one core (the runtime's split off).
     """
     rt = loaded.runtime
-    split, threads = rt.split, torch.get_num_threads()
-    rt.split = None
-    torch.set_num_threads(1)
-    try:
+    with rt.cpu.one_core():
         return _overhead(rt, loaded, prompt, new_tokens, repeats)
-    finally:
-        rt.split = split
-        torch.set_num_threads(threads)
 
 
 def _overhead(rt, loaded: LoadedModel, prompt: list[int], new_tokens: int, repeats: int) -> dict:
     calls = []
-    forward = rt.experts_forward
 
-    def capture(module, h, idx, w):
-        if h.shape[0] == 1:
-            calls.append((module, h.clone(), idx.clone(), w.clone()))
-        return forward(module, h, idx, w)
+    def capture(event):  # the decode steps' experts calls, replayed below
+        if event.hidden_states.shape[0] == 1:
+            calls.append((event.module, event.hidden_states.clone(), event.top_k_index.clone(),
+                          event.top_k_weights.clone()))
 
-    rt.experts_forward = capture
+    rt.add_observer(capture)
     try:
         decode_rate(Session(loaded), prompt, new_tokens)
     finally:
-        del rt.experts_forward
+        rt.remove_observer(capture)
     bare = []
     for module, h, idx, _ in calls:
-        own = rt._own[module._moe_layer]
+        own = rt.cpu.weights[module._moe_layer]
         x2 = torch.randn(1, own.mats2[0].shape[0], dtype=h.dtype)
-        x1, x2 = (h.numpy(), x2.numpy()) if own.numpy else (h, x2)
+        x1, x2 = (h.numpy(), x2.numpy()) if own.backend == "numpy" else (h, x2)
         bare += [(x1, own.mats1[e], x2, own.mats2[e]) for e in idx.reshape(-1).tolist()]
     mm = np.matmul if rt.cpu_matmul == "numpy" else torch.mm
-    math = [(module, h, idx.reshape(-1).numpy(), w.reshape(-1, 1), rt._own[module._moe_layer])
+    math = [(module, h, idx.reshape(-1).numpy(), w.reshape(-1, 1), module._moe_layer)
             for module, h, idx, w in calls]
 
     def through_runtime():
         for call in calls:
-            forward(*call)
+            rt.experts_forward(*call)
 
     def matmuls_only():
         for x1, w1, x2, w2 in bare:
@@ -150,11 +138,11 @@ def _overhead(rt, loaded: LoadedModel, prompt: list[int], new_tokens: int, repea
             mm(x2, w2)
 
     def expert_math():  # the experts' own arithmetic, nothing of the scheduler
-        for module, h, ids, w, own in math:
-            if rt._combined_decode:
-                expert_ffn_combined(module, h, ids.tolist(), w.view(-1).tolist(), own)
+        for module, h, ids, w, layer in math:
+            if rt.cpu.fused_decode:
+                rt.cpu.weighted_sum(module, h, ids.tolist(), w.view(-1).tolist(), layer)
             else:
-                out = expert_ffn(module, h, ids, own)
+                out = rt.cpu.ffn(module, h, ids, layer)
                 (module.post_expert_norm(out) if module.has_post_expert_norm else out).mul(w).sum(0)
 
     best = {"runtime": float("inf"), "matmuls": float("inf"), "math": float("inf")}
@@ -225,3 +213,60 @@ def run_bench(model: str | None, *, budget="0.25", policy="lru", new_tokens=64, 
     if tmp is not None:
         tmp.cleanup()
     return result
+
+
+# -- weight formats ------------------------------------------------------------------------------------
+LARGE = dict(SYNTHETIC, hidden_size=1024, intermediate_size=2048, moe_intermediate_size=512, num_experts=48,
+             num_attention_heads=16, num_key_value_heads=4)  # 2.25 GiB of fp32 experts: far past any L3
+
+
+def bytes_per_decode_token(loaded: LoadedModel) -> int:
+    """Weight bytes one decode token reads: its routed experts in every MoE layer and every dense matrix
+    (the embedding table is a lookup of one row, not read)."""
+    info, dense = loaded.info, loaded.dense
+    embed = loaded.model.get_input_embeddings().weight
+    experts = info.top_k * info.num_moe_layers * info.expert_bytes_in(loaded.experts)
+    return experts + info.dense_bytes_in(dense) - embed.numel() * embed.element_size()
+
+
+def run_format_bench(model: str | None, formats: list[str], *, new_tokens: int = 32, rounds: int = 2,
+                     prompt_len: int = 16, threads: int | None = None, log=print) -> dict:
+    """Decode tok/s per weight format (experts and dense layers in it), bytes read per token and the
+    share of the memory-bandwidth roofline, all on the CPU, in one process."""
+    for fmt in formats:
+        check_format(fmt, FORMATS)
+    tmp = None
+    if model is None:
+        tmp = tempfile.TemporaryDirectory()
+        log("building a synthetic model (8 layers, 48 experts of 1024x512, top-4: 2.25 GiB of fp32 experts)…")
+        from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(Qwen3MoeConfig(**LARGE), dtype=torch.float32).save_pretrained(tmp.name)
+        model = tmp.name
+    bandwidth = max(memory_read_bandwidth() for _ in range(3))
+    rows = {}
+    for fmt in formats:
+        log(f"{fmt}: loading…")
+        loaded = load_model(model, device="cpu", budget=0, threads=threads, profile=None, experts=fmt, dense=fmt)
+        vocab = loaded.model.config.get_text_config().vocab_size
+        prompt = torch.randint(0, vocab, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+        session = Session(loaded)
+        rate = max(decode_rate(session, prompt, new_tokens)[0] for _ in range(rounds + 1))
+        per_token = bytes_per_decode_token(loaded)
+        rows[fmt] = {"decode_tokens_per_s": rate, "bytes_per_token": per_token,
+                     "roofline_share": per_token * rate / bandwidth, "cpu_matmul": loaded.runtime.cpu_matmul,
+                     "dense_matmul": next((f"{m.fmt}-{m.act}" for m in loaded.model.modules() if isinstance(m, QuantLinear)),
+                                          "torch")}
+        log(f"{fmt}: {rate:.1f} tok/s, {per_token / 2**20:.0f} MiB a token, "
+            f"{rows[fmt]['roofline_share']:.0%} of the roofline (experts {rows[fmt]['cpu_matmul']}, "
+            f"dense {rows[fmt]['dense_matmul']})")
+        loaded.runtime.close()
+        del loaded, session
+    base = rows.get("source", {}).get("decode_tokens_per_s")
+    for row in rows.values():
+        row["speedup_vs_source"] = row["decode_tokens_per_s"] / base if base else None
+    if tmp is not None:
+        tmp.cleanup()
+    return {"model": Path(model).name, "threads": torch.get_num_threads(), "memory_read_bytes_per_s": bandwidth,
+            "formats": rows}

@@ -1,6 +1,6 @@
 """Score the demo model's greedy replies on the held-out split, and measure how its experts are used.
 
-    python -m engine.demo_model.evaluate [--json] [--model DIR] [--per-family N]
+    python -m tools.demo_model.evaluate [--json] [--model DIR] [--per-family N]
 
 With --json exactly one JSON object goes to stdout:
 {"accuracy", "per_family", "n", "routing"}; everything else is logged to stderr. Replies go through
@@ -20,8 +20,8 @@ from typing import Callable
 
 import torch
 
-from engine.demo_model import DEMO_MODEL_DIR
-from engine.demo_model.corpus import FAMILIES, held_out_examples
+from engine.paths import DEMO_MODEL_DIR
+from tools.demo_model.corpus import FAMILIES, held_out_examples
 
 MAX_NEW_TOKENS = 64
 CACHE_FRACTION = 0.25
@@ -60,12 +60,14 @@ def stock_replier(model_dir: Path) -> tuple[Callable[[str], str], object]:
     return reply, model
 
 
-def engine_replier(model_dir: Path) -> tuple[Callable[[str], str], object, object]:
-    """reply(prompt) through the engine's Session, the path the app uses; also returns model and runtime."""
-    from engine.loader import load_model
-    from engine.session import GenerationParams, Session
+def engine_replier(model_dir: Path, fmt: str = "source") -> tuple[Callable[[str], str], object, object]:
+    """reply(prompt) through the engine's Session, the path the app uses; also returns model and runtime.
+    `fmt`: the weight format of the experts and dense layers."""
+    from engine.model.loader import load_model
+    from engine.model.session import GenerationParams, Session
 
-    loaded = load_model(str(model_dir), device="cpu", budget=CACHE_FRACTION, policy="lru", profile=None)
+    loaded = load_model(str(model_dir), device="cpu", budget=CACHE_FRACTION, policy="lru", profile=None,
+                        experts=fmt, dense=fmt)
     session = Session(loaded)
     # plain argmax: the engine's default repetition penalty would also apply to greedy decoding
     params = GenerationParams(max_new_tokens=MAX_NEW_TOKENS, greedy=True, repetition_penalty=1.0)
@@ -159,18 +161,19 @@ def routing_stats(per_prompt: list[tuple[str, list[torch.Tensor]]], num_experts:
     }
 
 
-def evaluate(model_dir: Path = DEMO_MODEL_DIR, per_family: int = 60, use_engine: bool | None = None) -> dict:
+def evaluate(model_dir: Path = DEMO_MODEL_DIR, per_family: int = 60, use_engine: bool | None = None,
+             fmt: str = "source") -> dict:
     """Greedy exact-match accuracy on the held-out split, per family, plus routing statistics."""
     torch.set_num_threads(2)
     runtime = None
     if use_engine is None:
         try:
-            import engine.session  # noqa: F401
+            import engine.model.session  # noqa: F401
             use_engine = True
         except ImportError:
             use_engine = False
     if use_engine:
-        reply, model, runtime = engine_replier(model_dir)
+        reply, model, runtime = engine_replier(model_dir, fmt)
     else:
         reply, model = stock_replier(model_dir)
     log(f"generating through {'the engine Session' if use_engine else 'stock transformers'}")
@@ -208,13 +211,47 @@ def evaluate(model_dir: Path = DEMO_MODEL_DIR, per_family: int = 60, use_engine:
     return result
 
 
+def top1_agreement(model_dir: Path, fmt: str, per_family: int = 60) -> float:
+    """Share of the held-out replies' tokens where the `fmt` model's greedy choice is the source model's,
+    both fed the same text (the prompt and the right reply)."""
+    from engine.model.loader import load_model
+
+    models = [load_model(str(model_dir), device="cpu", budget=1.0, profile=None, experts=f, dense=f)
+              for f in ("source", fmt)]
+    tokenizer = models[0].tokenizer
+    same = total = 0
+    for ex in held_out_examples(per_family):
+        chat = [{"role": "user", "content": ex.prompt}]
+        prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        ids = torch.tensor([prompt + tokenizer.encode(ex.reply, add_special_tokens=False)])
+        with torch.no_grad():
+            picks = [m.model(ids).logits[0, len(prompt) - 1:-1].argmax(-1) for m in models]
+        same += int((picks[0] == picks[1]).sum())
+        total += picks[0].numel()
+    return same / max(1, total)
+
+
+def compare_formats(model_dir: Path = DEMO_MODEL_DIR, formats=("source", "int8", "int4"), per_family: int = 60) -> dict:
+    """Held-out accuracy per weight format, its loss against source, and the top-1 agreement with source."""
+    rows = {f: {"accuracy": evaluate(model_dir, per_family, use_engine=True, fmt=f)["accuracy"]} for f in formats}
+    for f in formats:
+        rows[f]["points_lost"] = round(100 * (rows["source"]["accuracy"] - rows[f]["accuracy"]), 2) if "source" in rows else None
+        rows[f]["top1_agreement"] = 1.0 if f == "source" else round(top1_agreement(model_dir, f, per_family), 4)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--model", type=Path, default=DEMO_MODEL_DIR)
     parser.add_argument("--per-family", type=int, default=60)
     parser.add_argument("--stock", action="store_true", help="use plain transformers even if the engine exists")
+    parser.add_argument("--formats", help="compare weight formats through the engine, e.g. source,int8,int4")
     args = parser.parse_args(argv)
+    if args.formats:
+        rows = compare_formats(args.model, tuple(args.formats.split(",")), args.per_family)
+        print(json.dumps(rows) if args.json else json.dumps(rows, indent=2))
+        return
     result = evaluate(args.model, args.per_family, use_engine=False if args.stock else None)
     if args.json:
         print(json.dumps(result))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .paths import user_data_dir
+from ..paths import user_data_dir
 
 DEFAULT_PROMPTS = [
     "Hello! Who are you?",

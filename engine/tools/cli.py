@@ -9,15 +9,16 @@ import signal
 import sys
 import threading
 
-from .errors import EngineError
-from .cost_model import DEVICE_PROFILES
-from .policies import POLICIES
+from ..errors import EngineError
+from ..moe.cost_model import DEVICE_PROFILES
+from ..cache.policies import POLICIES
+from ..moe.quantize import CHOICES
 
 log = logging.getLogger("engine")
 
 
 def _default_model() -> str:
-    from .demo_model import DEMO_MODEL_DIR
+    from ..paths import DEMO_MODEL_DIR
 
     if not (DEMO_MODEL_DIR / "config.json").exists():
         raise EngineError(f"no --model given and the embedded demo model is missing at {DEMO_MODEL_DIR}")
@@ -41,21 +42,26 @@ def _add_model_args(p: argparse.ArgumentParser, runtime: bool = True) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for the miss path (default: physical cores)")
     p.add_argument("--force-slots", action="store_true", help="real cache slots even when the fast device is the CPU")
     p.add_argument("--profile", default="auto", help="warm-start profile file, 'auto' (the saved one) or 'none'")
+    p.add_argument("--experts", default="auto", choices=CHOICES,
+                   help="routed experts' format: the checkpoint's precision, int8, int4, or auto (the most "
+                        "precise that fits the free RAM)")
+    p.add_argument("--dense", default="auto", choices=CHOICES,
+                   help="dense linear layers' format (auto: the experts' on the CPU, source on a GPU)")
 
 
 def _load(args):
-    from .loader import load_model
+    from ..model.loader import load_model
 
     return load_model(
         args.model or _default_model(), device=args.device, budget=args.budget, policy=args.policy,
         scope=args.scope, threads=args.threads, force_slots=args.force_slots,
         profile=None if args.profile == "none" else args.profile, trust_remote_code=args.trust_remote_code,
-        progress=_progress,
+        progress=_progress, experts=args.experts, dense=args.dense,
     )
 
 
 def _params(args):
-    from .sampling import GenerationParams
+    from ..model.sampling import GenerationParams
 
     sampling = any(v is not None for v in (args.temperature, args.top_p, args.top_k, args.seed))
     return GenerationParams(
@@ -70,9 +76,11 @@ def _params(args):
     )
 
 
-def _stats(runtime, session_stats: dict) -> dict:
-    snap = runtime.snapshot() if runtime else {}
+def _stats(loaded, session_stats: dict) -> dict:
+    snap = loaded.runtime.snapshot() if loaded.runtime else {}
     return {
+        "experts": loaded.experts,
+        "dense": loaded.dense,
         "hit_rate": snap.get("hit_rate", 0.0),
         "hits": snap.get("hits", 0),
         "misses": snap.get("misses", 0),
@@ -91,7 +99,7 @@ def _stats(runtime, session_stats: dict) -> dict:
 
 
 def cmd_info(args) -> dict:
-    from .loader import inspect_model
+    from ..model.loader import inspect_model
 
     info = inspect_model(args.model or _default_model(), trust_remote_code=args.trust_remote_code)
     d = info.to_dict()
@@ -103,7 +111,7 @@ def cmd_info(args) -> dict:
 
 
 def cmd_generate(args) -> dict:
-    from .session import Session
+    from ..model.session import Session
 
     loaded = _load(args)
     session = Session(loaded)
@@ -123,12 +131,12 @@ def cmd_generate(args) -> dict:
             print(ev.text, end="", flush=True)
     if not args.json:
         print()
-    return {"token_ids": ids, "text": "".join(text), "stats": _stats(loaded.runtime, session.last_stats)}
+    return {"token_ids": ids, "text": "".join(text), "stats": _stats(loaded, session.last_stats)}
 
 
 def cmd_chat(args) -> None:
-    from .session import Session
-    from .units import format_bytes
+    from ..model.session import Session
+    from ..units import format_bytes
 
     loaded = _load(args)
     session = Session(loaded)
@@ -169,7 +177,7 @@ def cmd_chat(args) -> None:
                 rt.set_policy(arg)
                 continue
             if cmd == "/stats":
-                print(json.dumps(_stats(rt, session.last_stats), indent=1), file=sys.stderr)
+                print(json.dumps(_stats(loaded, session.last_stats), indent=1), file=sys.stderr)
                 continue
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -193,13 +201,38 @@ def cmd_chat(args) -> None:
               file=sys.stderr)
 
 
+def cmd_quantize(args) -> dict:
+    """Quantize a model's experts now and save the copy that later loads read (see quantized_copy)."""
+    import time
+
+    from ..model import quantized_copy
+    from ..model.loader import inspect_model, load_model
+
+    source = args.model or _default_model()
+    info = inspect_model(source, trust_remote_code=args.trust_remote_code)
+    fmt = args.experts
+    if fmt not in ("int8", "int4"):
+        raise EngineError(f"quantize needs --experts int8 or int4, not {fmt!r}")
+    folder = quantized_copy.copy_dir(info.path, fmt)
+    t = time.perf_counter()
+    loaded = load_model(source, device="cpu", budget=0, profile=None, experts=fmt, dense="source",
+                        trust_remote_code=args.trust_remote_code, progress=_progress)
+    result = {"model": info.name, "experts": fmt, "copy": str(folder) if folder.exists() else None,
+              "seconds": round(time.perf_counter() - t, 2),
+              "expert_bytes_total": int(loaded.runtime.expert_bytes_total) if loaded.runtime else 0}
+    if not args.json:
+        print(f"{info.name}: {fmt} experts saved to {result['copy']} in {result['seconds']} s"
+              if result["copy"] else f"{info.name}: the copy could not be saved (see the message above)")
+    return result
+
+
 def cmd_profile(args) -> dict:
     from pathlib import Path
 
     import numpy as np
 
-    from .profiling import DEFAULT_PROMPTS, save_profile
-    from .session import Session
+    from ..cache.profiles import DEFAULT_PROMPTS, save_profile
+    from ..model.session import Session
 
     args.budget, args.policy = "0", "lru"
     loaded = _load(args)
@@ -239,6 +272,16 @@ def cmd_bench(args) -> dict:
         if result["chart"] is None:
             log_err("matplotlib is not installed: no chart (pip install matplotlib)")
         print(format_table(result), file=sys.stderr if args.json else sys.stdout)
+        return result
+    if args.formats:
+        from .bench import run_format_bench
+
+        result = run_format_bench(args.model, args.formats.split(","), new_tokens=args.max_new_tokens,
+                                  rounds=args.rounds, threads=args.threads, log=log_err)
+        if not args.json:
+            for fmt, row in result["formats"].items():
+                print(f"{fmt:>8}: {row['decode_tokens_per_s']:8.1f} tok/s  {row['bytes_per_token'] / 2**20:7.1f} MiB/token  "
+                      f"{row['roofline_share']:5.0%} of roofline  {row['speedup_vs_source'] or 0:5.2f}x source")
         return result
     from .bench import run_bench
 
@@ -304,7 +347,7 @@ def cmd_simulate(args) -> dict | None:
     """Replay a trace under a policy and budget; compare with the offline optimum."""
     from .simulator import calibrate_cpu_bytes_per_s, simulate
     from .trace import load_trace
-    from .units import parse_size
+    from ..units import parse_size
 
     if args.policy == "list":
         for name, description in POLICIES.items():
@@ -378,10 +421,16 @@ def build_parser() -> argparse.ArgumentParser:
     sampling(p, 48)
     p.set_defaults(func=cmd_profile)
 
+    p = sub.add_parser("quantize", help="quantize a model's experts ahead of time (--experts int8|int4)")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_quantize, experts="int8")
+
     p = sub.add_parser("bench", help="decode: engine vs stock transformers on the CPU; seed: the paper's four configurations")
     _add_model_args(p)
     p.add_argument("--suite", default="decode", choices=["decode", "seed"])
     p.add_argument("--rounds", type=int, default=3, help="decode suite: measured rounds (best is kept)")
+    p.add_argument("--formats", help="decode suite: compare weight formats instead, e.g. source,int8,int4 "
+                                     "(experts and dense layers in each; default model: a 2.25 GiB synthetic one)")
     p.add_argument("--policies", default="lru,predictive",
                    help="seed suite: comma-separated hybrid policies (default: the paper's LRU and our best)")
     p.add_argument("--device-profile", default="rtx3060-12gb", choices=sorted(DEVICE_PROFILES),

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import EngineError
+from ..errors import EngineError
 from .loader import inspect_model
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def hf_cache_models() -> list[tuple[str, str]]:
 
 def list_models(extra_dirs: Iterable[str] = ()) -> list[dict]:
     """Demo model first, then the Hugging Face cache (named by repo id), then the user's folders."""
-    from .demo_model import DEMO_MODEL_DIR
+    from ..paths import DEMO_MODEL_DIR
 
     entries = []
     if (DEMO_MODEL_DIR / "config.json").exists():

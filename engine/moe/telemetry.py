@@ -10,7 +10,9 @@ import time
 import psutil
 
 COUNTERS = ("hits", "misses", "fetches", "evictions", "bytes_copied")
-TIMERS = ("cpu_time_s", "device_time_s")
+# cpu_time_s: the CPU computing experts; enqueue_time_s: the host queuing fast-device expert work (not
+# the device's own time, which runs asynchronously under CUDA)
+TIMERS = ("cpu_time_s", "enqueue_time_s")
 
 
 def peak_rss_bytes() -> int:
@@ -25,6 +27,19 @@ def peak_rss_bytes() -> int:
 
 def rss_bytes() -> int:
     return int(psutil.Process(os.getpid()).memory_info().rss)
+
+
+def process_memory() -> dict:
+    rss = rss_bytes()
+    return {"rss_bytes": rss, "peak_rss_bytes": max(rss, peak_rss_bytes())}
+
+
+def cuda_memory(device) -> tuple[int, int, int]:
+    """(allocated, peak allocated, total) bytes of a CUDA device."""
+    import torch
+
+    return (torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device),
+            torch.cuda.get_device_properties(device).total_memory)
 
 
 class Telemetry:
