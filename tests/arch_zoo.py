@@ -1,0 +1,175 @@
+"""Tiny random checkpoints of every transformers architecture whose experts use `@use_experts_implementation`.
+
+A config class's own defaults describe a real model (billions of parameters); `tiny_config` shrinks
+them by field name, the same rule for every architecture, plus a short list of per-architecture fixes
+where a config demands it. The architecture list is read from transformers itself, so a new release's
+MoE models are swept without anyone adding them here.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+from pathlib import Path
+
+import torch
+
+from tiny_models import INIT_STD, VOCAB_SIZE, make_tokenizer
+
+LAYERS = 3
+HIDDEN = 64
+# field name -> tiny value; a field is shrunk only where its default is larger (or the value says so)
+SIZES = {
+    "hidden_size": HIDDEN, "d_model": HIDDEN, "n_embd": HIDDEN,
+    "intermediate_size": 64, "ffn_hidden_size": 64, "dense_intermediate_size": 64,
+    "moe_intermediate_size": 32, "expert_intermediate_size": 32, "shared_expert_intermediate_size": 32,
+    "moe_shared_expert_intermediate_size": 32, "shared_intermediate_size": 32,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "num_heads": 4, "n_head": 4, "head_dim": 16,
+    "num_experts": 8, "num_local_experts": 8, "n_routed_experts": 8, "moe_num_experts": 8,
+    "num_experts_per_tok": 2, "moe_top_k": 2, "top_k": 2, "moe_k": 2, "num_experts_per_token": 2,
+    "n_group": 1, "topk_group": 1, "num_expert_group": 1, "topk_groups": 1,
+    "n_shared_experts": 1, "num_shared_experts": 1, "moe_num_shared_experts": 1,
+    "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+    "qk_head_dim": 16, "index_head_dim": 16, "index_n_heads": 2, "index_topk": 8,
+    "max_position_embeddings": 256, "sliding_window": 16, "attention_chunk_size": 16,
+    "first_k_dense_replace": 1,
+    "linear_num_key_heads": 2, "linear_num_value_heads": 2, "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4,
+    "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_head_dim": 16, "ssm_state_size": 16,
+    "mamba_n_groups": 1, "n_groups": 1, "mamba_d_conv": 4, "conv_kernel": 4, "mamba_expand": 2,
+    "time_step_rank": 8, "mamba_dt_rank": 8, "chunk_size": 16, "conv_L_cache": 3,
+    "num_nextn_predict_layers": 0, "mtp_num_layers": 0,
+    # vision / audio towers of vision-language and omni models
+    "depth": 2, "num_layers": LAYERS, "out_hidden_size": HIDDEN, "text_hidden_size": HIDDEN,
+    "projection_dim": HIDDEN, "image_size": 32, "patch_size": 8, "spatial_merge_size": 2,
+    "temporal_patch_size": 2, "num_position_embeddings": 16, "num_mel_bins": 16, "output_dim": HIDDEN,
+    "encoder_layers": 2, "encoder_attention_heads": 4, "encoder_ffn_dim": 64, "n_window": 8,
+}
+LAYER_COUNTS = ("num_hidden_layers", "n_layer", "n_layers")
+# sizes a config may leave unset (None) by default that a model cannot be built without
+REQUIRED = {"num_experts_per_tok", "n_routed_experts", "n_shared_experts", "n_group", "topk_group", "head_dim",
+            "num_experts", "moe_top_k", "moe_intermediate_size"}
+TOKEN_IDS = {"pad_token_id": 4, "eos_token_id": 0, "bos_token_id": 1}
+
+# Per-architecture fixes a config demands (kept short; the generic rule does the rest).
+FIXES: dict[str, dict] = {}
+
+
+def moe_model_types() -> list[str]:
+    """Every model folder of the installed transformers whose modeling code uses the experts decorator."""
+    import transformers
+
+    root = os.path.dirname(transformers.__file__)
+    found = set()
+    for path in glob.glob(os.path.join(root, "models", "*", "modeling_*.py")):
+        with open(path, encoding="utf-8") as f:
+            if "@use_experts_implementation" in f.read():
+                found.add(Path(path).parent.name)
+    return sorted(found)
+
+
+def _per_layer(values: list, layers: int) -> list:
+    """`layers` entries of a per-layer list, covering as many of its distinct values as fit."""
+    n = len(values)
+    chosen = [0, n - 1]
+    for i, v in enumerate(values):
+        if len(chosen) < layers and all(values[c] != v for c in chosen):
+            chosen.append(i)
+    while len(chosen) < layers:
+        chosen.append(n // 2)
+    return [values[i] for i in sorted(chosen[:layers])]
+
+
+def _small(key: str, value, scale: int = 1):
+    if isinstance(value, bool) or key not in SIZES:
+        return value
+    if value is None:
+        return SIZES[key] * scale if key in REQUIRED else None
+    return min(value, SIZES[key] * scale) if isinstance(value, int) and value > 0 else value
+
+
+def _overrides(defaults: dict, layers: int) -> dict:
+    """The keyword arguments that make a config of these defaults tiny (sub-configs as dicts)."""
+    out = {}
+    old_layers = next((defaults[k] for k in LAYER_COUNTS if isinstance(defaults.get(k), int)), None)
+    for key, value in defaults.items():
+        if isinstance(value, dict) and ("model_type" in value or key.endswith("_config")) and key != "per_layer_config":
+            out[key] = _overrides(value, layers)
+        elif key in LAYER_COUNTS and isinstance(value, int):
+            out[key] = layers
+        elif key == "per_layer_config" and value:
+            # one override, on the last layer, at twice the tiny sizes: still heterogeneous
+            first = next(iter(value.values()))
+            out[key] = {str(layers - 1): {k: _small(k, v, 2) for k, v in first.items()}}
+        elif _small(key, value) != value:
+            out[key] = _small(key, value)
+        elif key in TOKEN_IDS and key in defaults:
+            out[key] = TOKEN_IDS[key]
+        elif key.endswith(("_token_id", "_token_index")) and isinstance(value, int) and value >= VOCAB_SIZE:
+            out[key] = VOCAB_SIZE - 1 - len([k for k in out if k.endswith(("_token_id", "_token_index"))])
+    if "vocab_size" in defaults:
+        out["vocab_size"] = VOCAB_SIZE
+    if old_layers:
+        out["_old_layers"] = old_layers
+    return out
+
+
+def _fix_layer_lists(overrides: dict, built: dict, layers: int) -> bool:
+    """Per-layer lists the config did not rebuild for the new layer count; True if any was fixed."""
+    fixed = False
+    old = overrides.pop("_old_layers", None)
+    for key, value in built.items():
+        if isinstance(value, dict) and isinstance(overrides.get(key), dict):
+            fixed |= _fix_layer_lists(overrides[key], value, layers)
+        elif old and isinstance(value, list) and len(value) == old != layers:
+            overrides[key] = _per_layer(value, layers)
+            fixed = True
+    return fixed
+
+
+def _strip(overrides: dict) -> dict:
+    return {k: _strip(v) if isinstance(v, dict) and k != "per_layer_config" else v
+            for k, v in overrides.items() if k != "_old_layers"}
+
+
+def tiny_config(model_type: str, layers: int = LAYERS):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    overrides = _overrides(cls().to_dict(), layers)
+    overrides.update(initializer_range=INIT_STD, tie_word_embeddings=False, **FIXES.get(model_type, {}))
+    config = cls(**_strip(overrides))
+    if _fix_layer_lists(overrides, config.to_dict(), layers):
+        config = cls(**_strip(overrides))
+    return config
+
+
+@functools.cache
+def model_class(model_type: str):
+    """The class a text chat runs: the causal LM if transformers has one, else the conditional-generation one."""
+    import transformers
+    from transformers.models.auto import modeling_auto as ma
+
+    for mapping in ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+                    "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES"):
+        name = getattr(ma, mapping, {}).get(model_type)
+        if name and hasattr(transformers, name):
+            return getattr(transformers, name)
+    return None
+
+
+def make_zoo_model(out_dir: Path | str, model_type: str, *, seed: int = 0) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = tiny_config(model_type)
+    cls = model_class(model_type)
+    torch.manual_seed(seed)
+    model = cls._from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and ("experts" in name or "gate" in name or "router" in name):
+                p.normal_(0.0, INIT_STD * 2)
+    model.save_pretrained(out)
+    make_tokenizer(out)
+    return out
