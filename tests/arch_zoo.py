@@ -53,7 +53,12 @@ REQUIRED = {"num_experts_per_tok", "n_routed_experts", "n_shared_experts", "n_gr
 TOKEN_IDS = {"pad_token_id": 4, "eos_token_id": 0, "bos_token_id": 1}
 
 # Per-architecture fixes a config demands (kept short; the generic rule does the rest).
-FIXES: dict[str, dict] = {}
+FIXES: dict[str, dict] = {
+    "gemma4": {"text_config": {"enable_moe_block": True, "num_experts": 8, "top_k_experts": 2,
+                               "moe_intermediate_size": 32}},
+    "hunyuan_v1_moe": {"num_experts": 8, "moe_topk": 2},  # defaults to one expert
+    "jamba": {"attn_layer_period": 3, "attn_layer_offset": 2},  # else no attention layer among three
+}
 
 
 def moe_model_types() -> list[str]:
@@ -115,16 +120,20 @@ def _overrides(defaults: dict, layers: int) -> dict:
     return out
 
 
-def _fix_layer_lists(overrides: dict, built: dict, layers: int) -> bool:
-    """Per-layer lists the config did not rebuild for the new layer count; True if any was fixed."""
+def _fix_layer_lists(overrides: dict, built: dict, defaults: dict, layers: int) -> bool:
+    """Per-layer lists the config did not rebuild for the new layer count, or rebuilt without some of
+    its kinds (three layers of a 3:1 linear/full pattern are all linear); True if any was fixed."""
     fixed = False
     old = overrides.pop("_old_layers", None)
     for key, value in built.items():
-        if isinstance(value, dict) and isinstance(overrides.get(key), dict):
-            fixed |= _fix_layer_lists(overrides[key], value, layers)
-        elif old and isinstance(value, list) and len(value) == old != layers:
-            overrides[key] = _per_layer(value, layers)
-            fixed = True
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(overrides.get(key), dict) and isinstance(default, dict):
+            fixed |= _fix_layer_lists(overrides[key], value, default, layers)
+        elif old and isinstance(value, list) and isinstance(default, list) and len(default) == old != layers:
+            wanted = _per_layer(default, layers)
+            if len(value) != layers or set(map(str, value)) != set(map(str, wanted)):
+                overrides[key] = wanted
+                fixed = True
     return fixed
 
 
@@ -137,10 +146,13 @@ def tiny_config(model_type: str, layers: int = LAYERS):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
-    overrides = _overrides(cls().to_dict(), layers)
-    overrides.update(initializer_range=INIT_STD, tie_word_embeddings=False, **FIXES.get(model_type, {}))
+    defaults = cls().to_dict()
+    overrides = _overrides(defaults, layers)
+    overrides.update(initializer_range=INIT_STD, tie_word_embeddings=False)
+    for key, value in FIXES.get(model_type, {}).items():
+        overrides[key] = {**overrides.get(key, {}), **value} if isinstance(value, dict) else value
     config = cls(**_strip(overrides))
-    if _fix_layer_lists(overrides, config.to_dict(), layers):
+    if _fix_layer_lists(overrides, config.to_dict(), defaults, layers):
         config = cls(**_strip(overrides))
     return config
 

@@ -38,6 +38,7 @@ SAFETENSORS_DTYPES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
     "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E8M0": 1, "F4": 1,
 }
+TEXT_HEADS = ("ForCausalLM", "ForConditionalGeneration")  # classes that generate text from text alone
 DEFAULT_CONTEXT = 4096  # tokens of KV cache the memory estimate makes room for
 RAM_HEADROOM = 0.9  # `auto` picks a format that needs at most this share of the free RAM
 
@@ -243,13 +244,21 @@ def _make_config(path: Path, raw: dict, trust_remote_code: bool):
 
 
 def _model_class(config):
+    """The causal-LM class for this config; else a transformers class that `architectures` names (a causal
+    LM the auto mapping lacks, or a vision-language model's conditional-generation class, run on text)."""
+    import transformers
     from transformers import AutoModelForCausalLM
 
-    try:
+    with contextlib.suppress(KeyError):
         return AutoModelForCausalLM._model_mapping[type(config)]
-    except KeyError:
-        arch = (getattr(config, "architectures", None) or [config.model_type])[0]
-        raise ModelError(f"{arch} is not a text-generation (causal LM) architecture; MoE Chat cannot chat with it") from None
+    named = getattr(config, "architectures", None) or []
+    for name in named:
+        cls = getattr(transformers, name, None) if name.endswith(TEXT_HEADS) else None
+        if cls is not None and hasattr(cls, "generate"):
+            return cls
+    arch = (named or [config.model_type])[0]
+    raise ModelError(f"{arch} is not a text-generation architecture (no causal-LM or conditional-generation "
+                     "class); MoE Chat cannot chat with it")
 
 
 def _dtype_of(config, headers: list[dict]) -> torch.dtype:
@@ -268,15 +277,22 @@ def _dtype_of(config, headers: list[dict]) -> torch.dtype:
 
 def _kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = getattr(text, "num_hidden_layers", 0)
-    heads = getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads", 0)
-    head_dim = getattr(text, "head_dim", None) or (
-        getattr(text, "hidden_size", 0) // max(1, getattr(text, "num_attention_heads", 1))
+    per_layer = getattr(text, "per_layer_config", None) if hasattr(text, "per_layer_config") else None
+    layers = [per_layer[i] for i in range(text.num_hidden_layers)] if per_layer else [text] * getattr(
+        text, "num_hidden_layers", 0)
+    return sum(_layer_kv_bytes(layer, dtype) for layer in layers)
+
+
+def _layer_kv_bytes(layer, dtype: torch.dtype) -> int:
+    """One layer's keys and values per token (its own config where layers differ)."""
+    heads = getattr(layer, "num_key_value_heads", None) or getattr(layer, "num_attention_heads", 0)
+    head_dim = getattr(layer, "head_dim", None) or (
+        getattr(layer, "hidden_size", 0) // max(1, getattr(layer, "num_attention_heads", 1))
     )
-    if getattr(text, "kv_lora_rank", None):  # MLA caches full keys and values in transformers
-        head_dim = (getattr(text, "qk_nope_head_dim", 0) + getattr(text, "qk_rope_head_dim", 0)
-                    + getattr(text, "v_head_dim", 0)) // 2
-    return int(2 * layers * heads * head_dim * torch.tensor([], dtype=dtype).element_size())
+    if getattr(layer, "kv_lora_rank", None):  # MLA caches full keys and values in transformers
+        head_dim = (getattr(layer, "qk_nope_head_dim", 0) + getattr(layer, "qk_rope_head_dim", 0)
+                    + getattr(layer, "v_head_dim", 0)) // 2
+    return int(2 * heads * head_dim * torch.tensor([], dtype=dtype).element_size())
 
 
 def _top_k(config) -> int:

@@ -99,6 +99,9 @@ class Session:
         # transformers renamed `past_key_values` to `cache` during v5; the cache object is updated in place
         params = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        # models with a cache of their own (e.g. MiniMax's linear attention) refuse a DynamicCache
+        supports = getattr(self.model, "_supports_default_dynamic_cache", None)
+        self._own_cache = callable(supports) and not supports()
         text_config = self.model.config.get_text_config()
         self.context_length = int(getattr(text_config, "max_position_embeddings", None) or 1 << 20)
         self._sliding = bool(getattr(text_config, "sliding_window", None)) and any(
@@ -153,12 +156,18 @@ class Session:
             self.reset()
             return 0
         if n < len(self._kv_ids):
-            if self._sliding:  # a cut-back sliding window would have lost tokens it needs again
+            if not self._croppable():  # a cut-back window or recurrent state would lose what it needs again
                 self.reset()
                 return 0
             self._kv.crop(n - len(self._kv_ids))  # negative: remove that many tokens from the end
             self._kv_ids = self._kv_ids[:n]
         return n
+
+    def _croppable(self) -> bool:
+        """Only plain key/value layers can be cut back to a shorter prefix."""
+        if self._sliding or self._own_cache:
+            return False
+        return all(type(layer).__name__ == "DynamicLayer" for layer in getattr(self._kv, "layers", []))
 
     def _forward(self, ids: list[int]) -> torch.Tensor:
         """One model step; when the fast device runs out of memory, halve the cache and redo the step
@@ -185,10 +194,16 @@ class Session:
     def _step(self, ids: list[int]) -> torch.Tensor:
         from transformers import DynamicCache
 
-        if self._kv is None:
-            self._kv = DynamicCache(config=self.model.config)
+        if self._kv is None and self._own_cache:
+            kwargs = {}  # the model makes its own cache on the first step
+        else:
+            if self._kv is None:
+                self._kv = DynamicCache(config=self.model.config.get_text_config(decoder=True))
+            kwargs = {self._cache_kwarg: self._kv}
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: self._kv})
+        out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **kwargs)
+        if self._kv is None:
+            self._kv = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
         self._kv_ids.extend(ids)
         return out.logits[0, -1].float().cpu()
 
