@@ -17,10 +17,10 @@ TEXT_ARCHITECTURES = [
     "afmoe", "bailing_hybrid", "beam", "cohere2_moe", "deepseek_v2", "deepseek_v4", "dots1", "ernie4_5_moe",
     "exaone_moe", "flex_olmo", "flint", "gemma4", "glm4_moe", "glm4_moe_lite", "gpt_oss", "granitemoe",
     "granitemoe_swa", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "hy_v4", "jamba", "kimi_linear",
-    "kolibri1", "laguna", "lara_mini", "mellum", "mimo_v2_flash", "minimax", "minimax_m2", "mistral4",
+    "kolibri1", "laguna", "lara_mini", "lfm2_moe", "mellum", "mimo_v2_flash", "minimax", "minimax_m2", "mistral4",
     "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "qwen3_next", "solar_open", "zaya",
 ]
-VISION_LANGUAGE = ["aria", "minimax_m3_vl", "qwen3_vl_moe", "unlimited_ocr"]
+VISION_LANGUAGE = ["aria", "deepseek_ocr2", "minimax_m3_vl", "qwen3_vl_moe", "unlimited_ocr"]
 
 
 @pytest.mark.parametrize("model_type", TEXT_ARCHITECTURES + VISION_LANGUAGE)
@@ -96,3 +96,12 @@ def test_readme_lists_the_tested_architectures():
     table = table.split("<!-- /architectures -->")[0]
     listed = {name for name in table.replace(",", " ").replace(".", " ").split() if name.startswith("`")}
     assert listed == {f"`{a}`" for a in TEXT_ARCHITECTURES + VISION_LANGUAGE}
+
+
+def test_a_model_that_does_not_generate_text_is_refused_with_its_name(tmp_path):
+    from engine import inspect_model
+    from engine.errors import ModelError
+
+    path = make_zoo_model(tmp_path / "diffusion", "diffusion_gemma")  # block diffusion, not left to right
+    with pytest.raises(ModelError, match="DiffusionGemmaForBlockDiffusion is not a text-generation architecture"):
+        inspect_model(path)
