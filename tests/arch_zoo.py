@@ -115,6 +115,13 @@ def _overrides(defaults: dict, layers: int) -> dict:
             out[key] = TOKEN_IDS[key]
         elif key.endswith(("_token_id", "_token_index")) and isinstance(value, int) and value >= VOCAB_SIZE:
             out[key] = VOCAB_SIZE - 1 - len([k for k in out if k.endswith(("_token_id", "_token_index"))])
+    rope = defaults.get("rope_parameters")
+    if isinstance(rope, dict) and rope.get("mrope_section"):  # sections of the tiny rotary half-size
+        half = (out.get("qk_rope_head_dim") or out.get("head_dim") or SIZES["head_dim"]) // 2
+        old = rope["mrope_section"]
+        section = [max(1, s * half // sum(old)) for s in old]
+        section[0] += half - sum(section)
+        out["rope_parameters"] = {**rope, "mrope_section": section}
     if "vocab_size" in defaults:
         out["vocab_size"] = VOCAB_SIZE
     if old_layers:

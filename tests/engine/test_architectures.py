@@ -20,7 +20,7 @@ TEXT_ARCHITECTURES = [
     "kolibri1", "laguna", "lara_mini", "lfm2_moe", "mellum", "mimo_v2_flash", "minimax", "minimax_m2", "mistral4",
     "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "qwen3_next", "solar_open", "zaya",
 ]
-VISION_LANGUAGE = ["aria", "deepseek_ocr2", "minimax_m3_vl", "qwen3_vl_moe", "unlimited_ocr"]
+VISION_LANGUAGE = ["aria", "deepseek_ocr2", "hy_v4_vl", "minimax_m3_vl", "qwen3_vl_moe", "unlimited_ocr"]
 
 
 @pytest.mark.parametrize("model_type", TEXT_ARCHITECTURES + VISION_LANGUAGE)
