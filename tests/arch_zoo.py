@@ -109,6 +109,8 @@ def _overrides(defaults: dict, layers: int) -> dict:
             # one override, on the last layer, at twice the tiny sizes: still heterogeneous
             first = next(iter(value.values()))
             out[key] = {str(layers - 1): {k: _small(k, v, 2) for k, v in first.items()}}
+        elif old_layers and isinstance(value, list) and len(value) == old_layers != layers:
+            out[key] = _per_layer(value, layers)  # per-layer lists keep their kinds
         elif _small(key, value) != value:
             out[key] = _small(key, value)
         elif key in TOKEN_IDS and key in defaults:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from arch_zoo import make_zoo_model, model_class
+from arch_zoo import make_zoo_model, model_class, tiny_config
 from engine import GenerationParams, Session, load_model
 
 PROMPT = [5, 17, 42, 99, 7, 3, 250, 11, 64, 128]
@@ -20,7 +20,7 @@ TEXT_ARCHITECTURES = [
     "kolibri1", "laguna", "lara_mini", "lfm2_moe", "mellum", "mimo_v2_flash", "minimax", "minimax_m2", "mistral4",
     "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "qwen3_next", "solar_open", "zaya",
 ]
-VISION_LANGUAGE = ["aria", "deepseek_ocr2", "hy_v4_vl", "minimax_m3_vl", "qwen3_vl_moe", "unlimited_ocr"]
+VISION_LANGUAGE = ["aria", "deepseek_ocr2", "hy_v4_vl", "minimax_m3_vl", "muse_spark", "qwen3_vl_moe", "unlimited_ocr"]
 
 
 @pytest.mark.parametrize("model_type", TEXT_ARCHITECTURES + VISION_LANGUAGE)
@@ -56,6 +56,17 @@ def _tokens_with_experts_shuffled(model) -> list[int]:
     out = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
                          eos_token_id=None, pad_token_id=0)
     return out[0, len(PROMPT):].tolist()
+
+
+def test_post_expert_norm_path_is_among_them():
+    """muse_spark normalises each expert's output before weighting it: the engine's path for that runs above."""
+    from engine.moe.interface import is_experts_module
+
+    config = tiny_config("muse_spark")
+    with torch.device("meta"):
+        model = model_class("muse_spark")._from_config(config)
+    assert "muse_spark" in VISION_LANGUAGE
+    assert any(m.has_post_expert_norm for m in filter(is_experts_module, model.modules()))
 
 
 def test_a_follow_up_turn_on_a_model_owned_cache(tmp_path):
