@@ -381,6 +381,13 @@ def cmd_simulate(args) -> dict | None:
     return result
 
 
+def cmd_serve(args) -> None:
+    from ..server.serve import api_key_from, serve
+
+    serve(_load(args), host=args.host, port=args.port, api_key=api_key_from(args.api_key),
+          model_id=args.model_name, max_waiting=args.max_queue)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description="MoE Chat's hybrid CPU-GPU MoE engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -413,6 +420,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt")
     sampling(p, 512)
     p.set_defaults(func=cmd_chat, temperature=None)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for the model (loopback by default)")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (anything but loopback is "
+                                                       "reachable from other machines)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MOE_CHAT_API_KEY, else none)")
+    p.add_argument("--model-name", help="the model id clients use (default: the model folder's name)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; past it, 429")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("profile", help="count expert use on representative prompts and save a warm-start profile")
     _add_model_args(p)

@@ -1,0 +1,1 @@
+"""The local OpenAI-compatible server: `python -m engine serve`."""
