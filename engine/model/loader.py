@@ -250,7 +250,9 @@ def _model_class(config):
     from transformers import AutoModelForCausalLM
 
     with contextlib.suppress(KeyError):
-        return AutoModelForCausalLM._model_mapping[type(config)]
+        cls = AutoModelForCausalLM._model_mapping[type(config)]
+        if isinstance(config, getattr(cls, "config_class", None) or object):  # Qwen3.5-MoE's takes text only
+            return cls
     named = getattr(config, "architectures", None) or []
     for name in named:
         cls = getattr(transformers, name, None) if name.endswith(TEXT_HEADS) else None
