@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 
-from ..errors import EngineError
+from ..errors import Cancelled, EngineError, InsufficientMemoryError, ModelError, UsageError
 from ..moe.cost_model import DEVICE_PROFILES
 from ..cache.policies import POLICIES
 from ..moe.quantize import CHOICES
@@ -49,15 +49,68 @@ def _add_model_args(p: argparse.ArgumentParser, runtime: bool = True) -> None:
                    help="dense linear layers' format (auto: the experts' on the CPU, source on a GPU)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing usage and exiting, so `main` reports a
+    mistake on the command line like any other failure: one JSON object with --json."""
+
+    def error(self, message: str):
+        raise UsageError(message, hint=f"run {self.prog} --help for the accepted options")
+
+
+def _at_least(args, name: str, low: int, hint: str) -> None:
+    value = getattr(args, name, None)
+    if value is not None and value < low:
+        flag = "--" + name.replace("_", "-")
+        raise UsageError(f"{flag} {value}: must be {low} or more", hint=hint)
+
+
+def check_args(args) -> None:
+    """Refuse values that cannot work before anything loads, each with what to write instead."""
+    from ..units import parse_budget
+
+    if getattr(args, "budget", None) is not None:
+        try:
+            parse_budget(args.budget)
+        except UsageError as e:
+            raise UsageError(f"--budget {args.budget}: {e}", hint=e.hint) from None
+    _at_least(args, "threads", 1, "leave --threads out to use one thread per physical core")
+    _at_least(args, "max_new_tokens", 1, "ask for at least one new token, e.g. --max-new-tokens 128")
+    _at_least(args, "top_k", 0, "0 turns top-k off; 40 is a common choice")
+    _at_least(args, "rounds", 1, "measure at least one round, e.g. --rounds 3")
+    temperature = getattr(args, "temperature", None)
+    if temperature is not None and not temperature >= 0:  # `not >=` also refuses nan
+        raise UsageError(f"--temperature {temperature}: must be 0 or more",
+                         hint="0 always picks the most likely token (like --greedy); 0.7 is a common choice")
+    top_p = getattr(args, "top_p", None)
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UsageError(f"--top-p {top_p}: must lie in (0, 1]", hint="1 keeps every token; 0.9 is a common choice")
+    penalty = getattr(args, "repetition_penalty", None)
+    if penalty is not None and not penalty > 0:
+        raise UsageError(f"--repetition-penalty {penalty}: must be above 0", hint="1 turns the penalty off")
+    if getattr(args, "prompt", None) is not None and not args.prompt.strip():
+        raise UsageError("the prompt is empty", hint="give some text with --prompt, or token ids with --prompt-ids 1,2,3")
+    if getattr(args, "prompt_ids", None) is not None:
+        ids = [t.strip() for t in args.prompt_ids.split(",") if t.strip()]
+        if not ids or not all(t.isdigit() for t in ids):
+            raise UsageError(f"--prompt-ids {args.prompt_ids!r}: expected comma-separated token ids",
+                             hint="for example --prompt-ids 1,2,3")
+
+
 def _load(args):
     from ..model.loader import load_model
+    from ..units import format_bytes, resolve_budget
 
-    return load_model(
+    loaded = load_model(
         args.model or _default_model(), device=args.device, budget=args.budget, policy=args.policy,
         scope=args.scope, threads=args.threads, force_slots=args.force_slots,
         profile=None if args.profile == "none" else args.profile, trust_remote_code=args.trust_remote_code,
         progress=_progress, experts=args.experts, dense=args.dense,
     )
+    rt = loaded.runtime
+    if rt is not None and resolve_budget(args.budget, rt.expert_bytes_total) > rt.budget_bytes:
+        log.warning("--budget %s is more than this model can use here; the cache holds %s (all experts, or what "
+                    "the fast device has room for)", args.budget, format_bytes(rt.budget_bytes))
+    return loaded
 
 
 def _params(args):
@@ -171,7 +224,9 @@ def cmd_chat(args) -> None:
                 messages, _ = messages[:1 if args.system else 0], session.reset()
                 continue
             if cmd == "/budget" and rt:
-                print(f"cache budget: {format_bytes(rt.set_budget(arg))}", file=sys.stderr)
+                from ..units import parse_budget
+
+                print(f"cache budget: {format_bytes(rt.set_budget(parse_budget(arg)))}", file=sys.stderr)
                 continue
             if cmd == "/policy" and rt:
                 rt.set_policy(arg)
@@ -263,15 +318,27 @@ def cmd_profile(args) -> dict:
 def cmd_bench(args) -> dict:
     log_err = lambda m: print(m, file=sys.stderr)  # noqa: E731
     if args.suite == "seed":
+        from ..units import parse_budget
         from .seed_bench import format_table, run_seed_suite, save_chart
 
-        budget = float(args.budget)
+        budget = float(args.budget) if isinstance(parse_budget(args.budget), float) else None
+        if budget is None:
+            raise UsageError(f"--budget {args.budget}: the seed suite takes a share of all expert bytes",
+                             hint="for example --budget 0.25")
         result = run_seed_suite(args.model, budget=budget, policies=tuple(args.policies.split(",")),
                                 device_profile=args.device_profile, new_tokens=args.max_new_tokens, log=log_err)
         result["chart"] = args.chart if save_chart(result, args.chart) else None
         if result["chart"] is None:
             log_err("matplotlib is not installed: no chart (pip install matplotlib)")
         print(format_table(result), file=sys.stderr if args.json else sys.stdout)
+        return result
+    if args.suite == "server":
+        from ..server.overhead import server_overhead
+
+        result = server_overhead(_load(args), new_tokens=args.max_new_tokens, rounds=args.rounds)
+        if not args.json:
+            print(f"streamed through the API: {result['api_tokens_per_s']:.1f} tok/s, in-process: "
+                  f"{result['in_process_tokens_per_s']:.1f} tok/s, ratio {result['ratio']:.3f}")
         return result
     if args.formats:
         from .bench import run_format_bench
@@ -389,7 +456,7 @@ def cmd_serve(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m engine", description="MoE Chat's hybrid CPU-GPU MoE engine")
+    parser = _Parser(prog="python -m engine", description="MoE Chat's hybrid CPU-GPU MoE engine")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="architecture, sizes and memory estimate of a model (no weights loaded)")
@@ -442,9 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_quantize, experts="int8")
 
-    p = sub.add_parser("bench", help="decode: engine vs stock transformers on the CPU; seed: the paper's four configurations")
+    p = sub.add_parser("bench", help="decode: engine vs stock transformers on the CPU; seed: the paper's four "
+                                       "configurations; server: the HTTP API's cost per token")
     _add_model_args(p)
-    p.add_argument("--suite", default="decode", choices=["decode", "seed"])
+    p.add_argument("--suite", default="decode", choices=["decode", "seed", "server"])
     p.add_argument("--rounds", type=int, default=3, help="decode suite: measured rounds (best is kept)")
     p.add_argument("--formats", help="decode suite: compare weight formats instead, e.g. source,int8,int4 "
                                      "(experts and dense layers in each; default model: a 2.25 GiB synthetic one)")
@@ -486,19 +554,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _hint(e: BaseException) -> str:
+    """What to do, where the error does not say it itself."""
+    if getattr(e, "hint", None):
+        return e.hint
+    if isinstance(e, InsufficientMemoryError):
+        return "close other programs, try --experts int4, or pick a smaller model"
+    if isinstance(e, ModelError):
+        return "check the folder named above, or pick another model with --model"
+    if isinstance(e, PermissionError):
+        return "check the file's permissions (ls -l), or copy the model somewhere you can read"
+    if isinstance(e, OSError):
+        return "check that the path exists and can be read"
+    if isinstance(e, Cancelled):
+        return "run the command again"
+    return "see python -m engine COMMAND --help"
+
+
+def _fail(e: BaseException, as_json: bool, code: int = 2) -> int:
+    """One error: a JSON object on stdout with --json, and always a line (and its hint) on stderr."""
+    message = str(e)
+    if isinstance(e, OSError) and e.filename is not None:  # name the path, not errno's wording alone
+        message = f"cannot read {e.filename}: {e.strerror or e}"
+    hint = _hint(e)
+    if as_json:
+        print(json.dumps({"error": message, "hint": hint}))
+    print(f"error: {message}\nhint: {hint}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    """Exit 0 on success, 2 on any failure a person can fix (with --json, one error object on stdout)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    as_json = "--json" in argv
     try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+        check_args(args)
         result = args.func(args)
-    except EngineError as e:
-        if getattr(args, "json", False):
-            print(json.dumps({"error": str(e)}))
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if getattr(args, "json", False) and result is not None:
+    except (EngineError, ValueError, OSError) as e:
+        return _fail(e, as_json)
+    except KeyboardInterrupt:
+        return _fail(Cancelled("interrupted"), as_json, 130)
+    if as_json and result is not None:
         print(json.dumps(result))
     return 0

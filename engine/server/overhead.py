@@ -1,0 +1,81 @@
+"""What the HTTP server costs per token: the same greedy generation streamed through the API on a
+loopback port and run in-process, in one process, rounds alternating; the best of each is kept."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+
+from ..model.loader import LoadedModel
+from ..model.sampling import GenerationParams
+from ..model.session import Session
+from .generation_queue import GenerationQueue
+from .openai_api import create_app
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _streamed(port: int, prompt: list[int], new_tokens: int) -> tuple[float, int]:
+    """Seconds from sending the request to `[DONE]`, and the text chunks received."""
+    body = json.dumps({"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    t = time.perf_counter()
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    chunks = 0
+    for line in response:
+        if line.startswith(b"data: [DONE]"):
+            break
+        if line.startswith(b"data: ") and json.loads(line[6:])["choices"][0]["text"]:
+            chunks += 1
+    elapsed = time.perf_counter() - t
+    conn.close()
+    return elapsed, chunks
+
+
+def _in_process(session: Session, prompt: list[int], new_tokens: int) -> float:
+    params = GenerationParams(max_new_tokens=new_tokens, greedy=True, repetition_penalty=1.0)
+    t = time.perf_counter()
+    for _ in session.generate(prompt, params):
+        pass
+    return time.perf_counter() - t
+
+
+def server_overhead(loaded: LoadedModel, new_tokens: int = 64, rounds: int = 3) -> dict:
+    import uvicorn
+
+    direct = Session(loaded)
+    engine = GenerationQueue(Session(loaded))
+    for session in (direct, engine.session):
+        session.eos_ids = set()  # both sides generate exactly `new_tokens`
+    tokenizer = loaded.tokenizer
+    prompt = tokenizer.encode("Tell me about MoE Chat.") if tokenizer is not None else [1, 2, 3, 4]
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, "bench"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        _streamed(port, prompt, 4)  # warm up both paths
+        _in_process(direct, prompt, 4)
+        api_s, direct_s, chunks = float("inf"), float("inf"), 0
+        for _ in range(rounds):
+            elapsed, chunks = _streamed(port, prompt, new_tokens)
+            api_s = min(api_s, elapsed)
+            direct_s = min(direct_s, _in_process(direct, prompt, new_tokens))
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        engine.close()
+    tokens = engine.last_stats.get("new_tokens", new_tokens)
+    return {"new_tokens": tokens, "text_chunks": chunks, "api_tokens_per_s": tokens / api_s,
+            "in_process_tokens_per_s": tokens / direct_s, "ratio": direct_s / api_s}
