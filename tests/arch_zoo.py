@@ -31,7 +31,9 @@ SIZES = {
     "n_group": 1, "topk_group": 1, "num_expert_group": 1, "topk_groups": 1,
     "n_shared_experts": 1, "num_shared_experts": 1, "moe_num_shared_experts": 1,
     "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
-    "qk_head_dim": 16, "index_head_dim": 16, "index_n_heads": 2, "index_topk": 8,
+    "qk_head_dim": 16, "index_head_dim": 16, "index_n_heads": 2, "index_topk": 8, "index_kpool": 4,
+    "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
+    "indexer_compress_ratio": 4, "hc_lowrank": 16,
     "max_position_embeddings": 256, "sliding_window": 16, "attention_chunk_size": 16,
     "first_k_dense_replace": 1,
     "linear_num_key_heads": 2, "linear_num_value_heads": 2, "linear_key_head_dim": 16,
@@ -45,11 +47,13 @@ SIZES = {
     "projection_dim": HIDDEN, "image_size": 32, "patch_size": 8, "spatial_merge_size": 2,
     "temporal_patch_size": 2, "num_position_embeddings": 16, "num_mel_bins": 16, "output_dim": HIDDEN,
     "encoder_layers": 2, "encoder_attention_heads": 4, "encoder_ffn_dim": 64, "n_window": 8,
+    "adapter_in_dim": HIDDEN, "adapter_out_dim": HIDDEN, "adapter_input_size": HIDDEN,
 }
 LAYER_COUNTS = ("num_hidden_layers", "n_layer", "n_layers")
 # sizes a config may leave unset (None) by default that a model cannot be built without
 REQUIRED = {"num_experts_per_tok", "n_routed_experts", "n_shared_experts", "n_group", "topk_group", "head_dim",
-            "num_experts", "moe_top_k", "moe_intermediate_size"}
+            "num_experts", "moe_top_k", "moe_intermediate_size",
+            "indexer_n_heads", "indexer_kv_heads", "indexer_head_dim", "indexer_budget", "indexer_compress_ratio"}
 TOKEN_IDS = {"pad_token_id": 4, "eos_token_id": 0, "bos_token_id": 1}
 
 # Per-architecture fixes a config demands (kept short; the generic rule does the rest).
@@ -60,6 +64,8 @@ FIXES: dict[str, dict] = {
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv"]},  # no default; checkpoints name them
     "deepseek_ocr2": {"text_config": {"mlp_layer_types": ["dense", "sparse", "sparse"]}},
     "jamba": {"attn_layer_period": 3, "attn_layer_offset": 2},  # else no attention layer among three
+    # the talker's shared expert reads a field its config class does not declare (checkpoints set it)
+    "qwen3_omni_moe": {"talker_config": {"text_config": {"shared_expert_intermediate_size": 32}}},
 }
 
 
@@ -85,7 +91,10 @@ def _per_layer(values: list, layers: int) -> list:
             chosen.append(i)
     while len(chosen) < layers:
         chosen.append(n // 2)
-    return [values[i] for i in sorted(chosen[:layers])]
+    chosen = sorted(chosen[:layers])
+    if all(type(v) is int and v <= i for i, v in enumerate(values)):  # layer indices (KV shared from layer v)
+        return [chosen.index(values[c]) if values[c] in chosen else j for j, c in enumerate(chosen)]
+    return [values[i] for i in chosen]
 
 
 def _small(key: str, value, scale: int = 1):
@@ -117,6 +126,8 @@ def _overrides(defaults: dict, layers: int) -> dict:
             out[key] = TOKEN_IDS[key]
         elif key.endswith(("_token_id", "_token_index")) and isinstance(value, int) and value >= VOCAB_SIZE:
             out[key] = VOCAB_SIZE - 1 - len([k for k in out if k.endswith(("_token_id", "_token_index"))])
+    if defaults.get("num_key_value_heads") and defaults.get("num_key_value_heads") == defaults.get("num_attention_heads"):
+        out["num_key_value_heads"] = out.get("num_attention_heads", SIZES["num_attention_heads"])  # MLA, MHA
     rope = defaults.get("rope_parameters")
     if isinstance(rope, dict) and rope.get("mrope_section"):  # sections of the tiny rotary half-size
         half = (out.get("qk_rope_head_dim") or out.get("head_dim") or SIZES["head_dim"]) // 2
@@ -148,9 +159,22 @@ def _fix_layer_lists(overrides: dict, built: dict, defaults: dict, layers: int) 
     return fixed
 
 
-def _strip(overrides: dict) -> dict:
-    return {k: _strip(v) if isinstance(v, dict) and k != "per_layer_config" else v
-            for k, v in overrides.items() if k != "_old_layers"}
+def _settable(cls) -> set[str] | None:
+    """The names a config class takes: its fields and aliases. Other keys of `to_dict()` are derived in
+    `__post_init__` (DeepSeek-V3's head_dim is its qk_rope_head_dim); passing them would override that."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(cls):
+        return None
+    aliases = getattr(cls, "attribute_map", {})
+    return {f.name for f in dataclasses.fields(cls)} | set(aliases) | set(aliases.values())
+
+
+def _strip(overrides: dict, cls=None) -> dict:
+    settable = _settable(cls) if cls is not None else None
+    subs = getattr(cls, "sub_configs", {}) or {}
+    return {k: _strip(v, subs.get(k)) if isinstance(v, dict) and k != "per_layer_config" else v
+            for k, v in overrides.items() if k != "_old_layers" and (settable is None or k in settable)}
 
 
 def tiny_config(model_type: str, layers: int = LAYERS):
@@ -160,25 +184,35 @@ def tiny_config(model_type: str, layers: int = LAYERS):
     defaults = cls().to_dict()
     overrides = _overrides(defaults, layers)
     overrides.update(initializer_range=INIT_STD, tie_word_embeddings=False)
-    for key, value in FIXES.get(model_type, {}).items():
-        overrides[key] = {**overrides.get(key, {}), **value} if isinstance(value, dict) else value
-    config = cls(**_strip(overrides))
+    fixes = FIXES.get(model_type, {})
+    config = cls(**_merge(_strip(overrides, cls), fixes))
     if _fix_layer_lists(overrides, config.to_dict(), defaults, layers):
-        config = cls(**_strip(overrides))
+        config = cls(**_merge(_strip(overrides, cls), fixes))
     return config
+
+
+def _merge(base: dict, fixes: dict) -> dict:
+    """`base` with `fixes` on top, sub-config by sub-config (a fix may name a field the class lacks)."""
+    out = dict(base)
+    for key, value in fixes.items():
+        out[key] = _merge(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
 
 
 @functools.cache
 def model_class(model_type: str):
-    """The class a text chat runs: the causal LM if transformers has one, else the conditional-generation one."""
+    """The class a text chat runs: the causal LM if transformers has one for this config, else the
+    conditional-generation one (Qwen3.5-MoE's causal LM takes only its text sub-config)."""
     import transformers
     from transformers.models.auto import modeling_auto as ma
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     for mapping in ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
                     "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES"):
-        name = getattr(ma, mapping, {}).get(model_type)
-        if name and hasattr(transformers, name):
-            return getattr(transformers, name)
+        cls = getattr(transformers, getattr(ma, mapping, {}).get(model_type) or "", None)
+        config_class = getattr(cls, "config_class", None)
+        if cls is not None and (config_class is None or issubclass(CONFIG_MAPPING[model_type], config_class)):
+            return cls
     return None
 
 
