@@ -1,8 +1,10 @@
-"""One engine, one generation at a time: a thread that owns the Session and serves requests FIFO.
+"""One engine, one generation at a time: jobs from HTTP handlers, served FIFO by the model's owner.
 
-HTTP handlers never touch the model. They submit a `Job` and read its events; the queue is bounded so a
-flood of clients gets a quick "busy" instead of an ever-growing wait, and a job whose client went away
-is cancelled (before it starts, or within one token once it runs).
+HTTP handlers never touch the model. They submit a `Job` to a `JobBoard` and read its events; the
+board is bounded so a flood of clients gets a quick "busy" instead of an ever-growing wait, and a job
+whose client went away is cancelled (before it starts, or within one token once it runs). Who owns the
+model decides where jobs run: `GenerationQueue` is a thread of its own (`python -m engine serve`); the
+app's engine worker runs them between chat replies.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..errors import EngineError
@@ -49,19 +51,20 @@ class Job:
     queued_at: float = field(default_factory=time.perf_counter)
 
 
-class GenerationQueue:
-    def __init__(self, session: Session, max_waiting: int = 16):
-        self.session = session
+class JobBoard:
+    """The engine as the HTTP side sees it. `_enqueue` hands a job to the model's owner, which calls
+    `run(session, job)` there; `model_id` None means no model is loaded."""
+
+    def __init__(self, model_id: str | None, context_length: int, max_waiting: int = 16):
+        self.model_id = model_id
+        self.context_length = context_length
         self.max_waiting = max_waiting
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
         self.busy = False
         self.totals = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cancelled": 0}
         self.last_stats: dict = {}
-        self.snapshot: dict = self._runtime_snapshot()  # runtime numbers, refreshed on the engine thread
-        self._thread = threading.Thread(target=self._run, name="moe-chat-engine", daemon=True)
-        self._thread.start()
+        self.snapshot: dict = {}  # runtime numbers, refreshed by the owner after each job
 
     @property
     def depth(self) -> int:
@@ -73,34 +76,37 @@ class GenerationQueue:
             if self._waiting >= self.max_waiting:
                 raise QueueFull(f"{self._waiting} requests are already waiting")
             self._waiting += 1
-        self._jobs.put(job)
+        self._enqueue(job)
 
-    def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout=10)
+    def _enqueue(self, job: Job) -> None:
+        raise NotImplementedError
 
-    # -- the engine thread ------------------------------------------------------------------------
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            with self._lock:
-                self._waiting -= 1
-                self.busy = True
-            try:
-                self._serve(job)
-            finally:
-                self.busy = False
+    def taken(self) -> None:
+        """The owner took a job off the queue (to run it, or to refuse it)."""
+        with self._lock:
+            self._waiting -= 1
 
-    def _serve(self, job: Job) -> None:
+    # -- on the model owner's thread --------------------------------------------------------------
+    def run(self, session: Session, job: Job) -> Iterator[None]:
+        """Serve one job, one step per token, so an owner with other work can interleave."""
+        self.busy = True
+        try:
+            yield from self._serve(session, job)
+        finally:
+            self.busy = False
+
+    def _serve(self, session: Session, job: Job) -> Iterator[None]:
         if job.cancel.is_set():
             self.totals["cancelled"] += 1
             job.emit("error", PromptError("cancelled before it started", "cancelled"))
             return
         try:
-            ids = self._prompt_ids(job)
+            ids = self._prompt_ids(session, job)
             job.emit("start", len(ids))
-            for event in self.session.generate(ids, job.params, job.cancel):
+            for event in session.generate(ids, job.params, job.cancel):
                 if event.text:
                     job.emit("text", event.text)
+                yield
         except PromptError as e:
             job.emit("error", e)
             return
@@ -111,18 +117,19 @@ class GenerationQueue:
             log.exception("generation failed")
             job.emit("error", PromptError(f"generation failed: {e}", "engine_error"))
             return
-        stats = dict(self.session.last_stats)
+        stats = dict(session.last_stats)
         self.last_stats = stats
         self.totals["requests"] += 1
         self.totals["prompt_tokens"] += stats.get("prompt_tokens", 0)
         self.totals["completion_tokens"] += stats.get("new_tokens", 0)
         if stats.get("finish_reason") == "cancelled":
             self.totals["cancelled"] += 1
-        self.snapshot = self._runtime_snapshot()
+        runtime = session.loaded.runtime
+        self.snapshot = runtime.snapshot() if runtime is not None else {}
         job.emit("done", stats)
 
-    def _prompt_ids(self, job: Job) -> list[int]:
-        session, prompt = self.session, job.prompt
+    def _prompt_ids(self, session: Session, job: Job) -> list[int]:
+        prompt = job.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
             try:
                 ids = session.encode_chat(prompt)
@@ -149,6 +156,28 @@ class GenerationQueue:
         job.params.max_new_tokens = min(job.params.max_new_tokens, room)
         return ids
 
-    def _runtime_snapshot(self) -> dict:
-        runtime = self.session.loaded.runtime
-        return runtime.snapshot() if runtime is not None else {}
+
+class GenerationQueue(JobBoard):
+    """A thread that owns the session and serves jobs FIFO: the standalone server."""
+
+    def __init__(self, session: Session, model_id: str = "model", max_waiting: int = 16):
+        super().__init__(model_id, session.context_length, max_waiting)
+        self.session = session
+        runtime = session.loaded.runtime
+        self.snapshot = runtime.snapshot() if runtime is not None else {}
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="moe-chat-engine", daemon=True)
+        self._thread.start()
+
+    def _enqueue(self, job: Job) -> None:
+        self._jobs.put(job)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            self.taken()
+            for _ in self.run(self.session, job):
+                pass

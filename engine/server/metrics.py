@@ -5,14 +5,14 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .generation_queue import GenerationQueue
+from .generation_queue import JobBoard
 
 
 class EngineCollector:
     """Reads the queue's totals and the runtime snapshot the engine thread left after its last request,
     so a scrape never touches the model while it runs."""
 
-    def __init__(self, engine: GenerationQueue):
+    def __init__(self, engine: JobBoard):
         self.engine = engine
 
     def collect(self):
@@ -43,7 +43,7 @@ class EngineCollector:
 class ServerMetrics:
     """A registry of its own, so two servers in one process (tests) do not collide."""
 
-    def __init__(self, engine: GenerationQueue):
+    def __init__(self, engine: JobBoard):
         self.registry = CollectorRegistry()
         self.registry.register(EngineCollector(engine))
         self.responses = Counter("moe_chat_http_responses", "HTTP responses by route and status",

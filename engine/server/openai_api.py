@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException
 
 from ..model.sampling import GenerationParams
-from .generation_queue import GenerationQueue, Job, PromptError, QueueFull
+from .generation_queue import Job, JobBoard, PromptError, QueueFull
 from .metrics import ServerMetrics
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
@@ -117,10 +117,10 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
 
-def create_app(engine: GenerationQueue, model_id: str, api_key: str | None = None) -> FastAPI:
+def create_app(engine: JobBoard, api_key: str | None = None) -> FastAPI:
+    """The model id and context are read from `engine` per request: in the app, the model can change."""
     app = FastAPI(title="MoE Chat", docs_url=None, redoc_url=None)
     metrics = ServerMetrics(engine)
-    context_length = engine.session.context_length
     created = int(time.time())
 
     @app.middleware("http")
@@ -152,15 +152,18 @@ def create_app(engine: GenerationQueue, model_id: str, api_key: str | None = Non
             raise ApiError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
+        if engine.model_id is None:
+            raise ApiError(503, "no model is loaded; pick one in MoE Chat first", code="model_not_loaded",
+                           kind="server_error")
         model = body.get("model")
-        if model is not None and model != model_id:
-            raise ApiError(404, f"the model '{model}' does not exist; this server serves '{model_id}'", "model",
-                           "model_not_found")
+        if model is not None and model != engine.model_id:
+            raise ApiError(404, f"the model '{model}' does not exist; this server serves '{engine.model_id}'",
+                           "model", "model_not_found")
         return body
 
     async def start(request: Request, prompt, body: dict) -> tuple[Job, _Stream, int]:
         """Queue the job and wait until the engine takes it (or refuses it): errors keep their status."""
-        params, given = sampling_params(body, context_length)
+        params, given = sampling_params(body, engine.context_length)
         stream = _Stream(asyncio.get_running_loop())
         job = Job(prompt, params, stream.emit, max_tokens_given=given)
         try:
@@ -233,23 +236,23 @@ def create_app(engine: GenerationQueue, model_id: str, api_key: str | None = Non
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, "queue_depth": engine.depth}
+        return {"status": "ok", "model": engine.model_id, "queue_depth": engine.depth}
 
     @app.get("/metrics")
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def model_card() -> dict:
-        return {"id": model_id, "object": "model", "created": created, "owned_by": "moe-chat",
-                "context_length": context_length}
+        return {"id": engine.model_id, "object": "model", "created": created, "owned_by": "moe-chat",
+                "context_length": engine.context_length}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card()] if engine.model_id is not None else []}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str):
-        if name != model_id:
+        if name != engine.model_id:
             raise ApiError(404, f"the model '{name}' does not exist", "model", "model_not_found")
         return model_card()
 
@@ -258,7 +261,7 @@ def create_app(engine: GenerationQueue, model_id: str, api_key: str | None = Non
         body = await json_body(request)
         messages = chat_messages(body)
         job, stream, prompt_tokens = await start(request, messages, body)
-        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        rid, now, model_id = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), engine.model_id
         if body.get("stream"):
             first = [True]
 
@@ -282,7 +285,7 @@ def create_app(engine: GenerationQueue, model_id: str, api_key: str | None = Non
         body = await json_body(request)
         prompt = completion_prompt(body)
         job, stream, prompt_tokens = await start(request, prompt, body)
-        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        rid, now, model_id = f"cmpl-{uuid.uuid4().hex}", int(time.time()), engine.model_id
 
         def chunk(text, finish):
             return {"id": rid, "object": "text_completion", "created": now, "model": model_id,
@@ -298,6 +301,6 @@ def create_app(engine: GenerationQueue, model_id: str, api_key: str | None = Non
 
     @app.get("/")
     async def root():
-        return PlainTextResponse(f"MoE Chat is serving {model_id}: the OpenAI API is under /v1\n")
+        return PlainTextResponse(f"MoE Chat is serving {engine.model_id}: the OpenAI API is under /v1\n")
 
     return app

@@ -5,21 +5,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
-import threading
 import time
 
 from ..model.loader import LoadedModel
 from ..model.sampling import GenerationParams
 from ..model.session import Session
 from .generation_queue import GenerationQueue
-from .openai_api import create_app
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .serve import ServerThread
 
 
 def _streamed(port: int, prompt: list[int], new_tokens: int) -> tuple[float, int]:
@@ -49,21 +41,14 @@ def _in_process(session: Session, prompt: list[int], new_tokens: int) -> float:
 
 
 def server_overhead(loaded: LoadedModel, new_tokens: int = 64, rounds: int = 3) -> dict:
-    import uvicorn
-
     direct = Session(loaded)
     engine = GenerationQueue(Session(loaded))
     for session in (direct, engine.session):
         session.eos_ids = set()  # both sides generate exactly `new_tokens`
     tokenizer = loaded.tokenizer
     prompt = tokenizer.encode("Tell me about MoE Chat.") if tokenizer is not None else [1, 2, 3, 4]
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, "bench"), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    server = ServerThread(engine)
+    port = server.port
     try:
         _streamed(port, prompt, 4)  # warm up both paths
         _in_process(direct, prompt, 4)
@@ -73,8 +58,7 @@ def server_overhead(loaded: LoadedModel, new_tokens: int = 64, rounds: int = 3) 
             api_s = min(api_s, elapsed)
             direct_s = min(direct_s, _in_process(direct, prompt, new_tokens))
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        server.stop()
         engine.close()
     tokens = engine.last_stats.get("new_tokens", new_tokens)
     return {"new_tokens": tokens, "text_chunks": chunks, "api_tokens_per_s": tokens / api_s,

@@ -25,7 +25,7 @@ from engine.model.sampling import GenerationParams
 from engine.model.session import Session
 from engine.paths import DEMO_MODEL_DIR
 from engine.server.generation_queue import GenerationQueue
-from engine.server.openai_api import create_app
+from engine.server.serve import ServerThread
 
 QUESTION = [{"role": "user", "content": "What is 2 plus 3?"}]
 
@@ -37,28 +37,18 @@ def free_port() -> int:
 
 
 class RunningServer:
-    """uvicorn on a thread: the app, its engine thread and a base URL."""
+    """The server on a thread, with its own engine thread, and an `openai` client for it."""
 
     def __init__(self, loaded, api_key: str | None = None, max_waiting: int = 16):
-        self.engine = GenerationQueue(Session(loaded), max_waiting=max_waiting)
-        self.port = free_port()
-        config = uvicorn.Config(create_app(self.engine, "demo", api_key), host="127.0.0.1", port=self.port,
-                                log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline, "the server did not start"
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.engine = GenerationQueue(Session(loaded), "demo", max_waiting=max_waiting)
+        self.http = ServerThread(self.engine, api_key=api_key)
+        self.url = f"http://127.0.0.1:{self.http.port}"
 
     def client(self, key: str = "none", **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kwargs)
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.http.stop()
         self.engine.close()
 
 
@@ -304,3 +294,10 @@ def test_server_overhead_bench_generates_the_same_token_count_both_ways(demo):
     result = server_overhead(demo, new_tokens=8, rounds=1)
     assert result["new_tokens"] == 8 and result["text_chunks"] >= 1
     assert result["api_tokens_per_s"] > 0 and result["in_process_tokens_per_s"] > 0
+
+
+def test_a_port_in_use_is_a_clear_error(server):
+    from engine.errors import EngineError
+
+    with pytest.raises(EngineError, match="in use"):
+        ServerThread(server.engine, port=server.http.port)
