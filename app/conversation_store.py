@@ -2,11 +2,16 @@
 
 A streaming reply is stored as an incomplete message and rewritten by the window at least once a
 second, so a crash loses at most the last second of text. Used from the GUI thread only.
+
+Opening never fails: a damaged file is moved aside and what SQLite can still read is copied into a
+fresh one; a file or folder that cannot be written keeps the history in memory. Either way `notice`
+says what happened, for the window to show.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -34,6 +39,10 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, position);
 """
 DEFAULT_TITLE = "New chat"
+TABLES = ("conversations", "messages")  # in this order: a message needs its conversation
+MAX_PROBES = 100_000  # rowids looked up one by one past a damaged page, per table
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,15 +83,97 @@ class ConversationStore:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(self.path))
-        self._db.row_factory = sqlite3.Row
-        self._db.create_function("fold", 1, _fold, deterministic=True)
-        self._db.execute("PRAGMA foreign_keys = ON")
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA synchronous = NORMAL")
-        self._db.executescript(SCHEMA)
-        self._db.commit()
+        self.in_memory = False  # True: nothing is saved (the file or its folder cannot be written)
+        self.moved_to: Path | None = None  # where a damaged file went
+        self.notice = ""  # what the user must be told about this history, "" when all is well
+        try:
+            self._db = self._open(self.path)
+        except sqlite3.DatabaseError as exc:  # only damage: _open turns every other failure into OSError
+            log.warning("chat database %s is damaged (%s); recovering", self.path, exc)
+            self._db = self._recover()
+        except OSError as exc:
+            log.warning("chat database %s cannot be written (%s); history stays in memory", self.path, exc)
+            self._db = self._in_memory(exc)
+
+    def _open(self, path: Path) -> sqlite3.Connection:
+        """Open and check the file; OSError when it cannot be written, DatabaseError when damaged."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file() and path.stat().st_size and _header(path) != b"SQLite format 3\0":
+            # checked before SQLite opens it: SQLite would delete a -wal beside such a file on close
+            raise sqlite3.DatabaseError(f"{path.name} is not an SQLite database")
+        db = None
+        try:
+            db = sqlite3.connect(str(path))
+            rows = [r[0] for r in db.execute("PRAGMA quick_check")]
+            if rows != ["ok"]:
+                raise sqlite3.DatabaseError("quick_check: " + "; ".join(map(str, rows[:3])))
+            self._prepare(db, wal=True)
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            db.execute(f"PRAGMA user_version = {int(version)}")  # a write: fails now if the file is read-only
+            return db
+        except sqlite3.DatabaseError as exc:
+            if db is not None:
+                db.close()
+            if _is_corrupt(exc):
+                raise
+            raise OSError(str(exc)) from exc  # cannot open, read-only, locked, disk I/O: not damage
+
+    @staticmethod
+    def _prepare(db: sqlite3.Connection, wal: bool) -> None:
+        db.row_factory = sqlite3.Row
+        db.create_function("fold", 1, _fold, deterministic=True)
+        db.execute("PRAGMA foreign_keys = ON")
+        if wal:
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")
+        db.executescript(SCHEMA)
+        db.commit()
+
+    def _in_memory(self, reason: OSError) -> sqlite3.Connection:
+        """History in memory, starting from what the file holds if it can at least be read."""
+        db = sqlite3.connect(":memory:")
+        # immutable: a WAL-mode file in a read-only folder cannot get the -shm that mode=ro needs
+        for options in ("mode=ro", "mode=ro&immutable=1"):
+            try:
+                source = sqlite3.connect(f"{self.path.resolve().as_uri()}?{options}", uri=True)
+                try:
+                    source.backup(db)
+                    break
+                finally:
+                    source.close()
+            except (sqlite3.Error, OSError):
+                continue  # no file, or an unreadable one: start empty
+        self._prepare(db, wal=False)
+        self.in_memory = True
+        self.notice = (f"Chat history cannot be saved ({reason}): {self.path} is not writable. "
+                       "Chats are kept in memory for this session only; nothing will be saved.")
+        return db
+
+    def _recover(self) -> sqlite3.Connection:
+        """Move the damaged file aside (with its -wal and -shm), then copy every readable row into a new one."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        moved = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while moved.exists():
+            n += 1
+            moved = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+        try:
+            self.path.rename(moved)
+            for suffix in ("-wal", "-shm"):  # a WAL left behind would be replayed into the new file
+                side = Path(f"{self.path}{suffix}")
+                if side.exists():
+                    side.rename(f"{moved}{suffix}")
+            db = self._open(self.path)
+        except (OSError, sqlite3.DatabaseError) as exc:
+            return self._in_memory(OSError(f"damaged, and could not be moved aside: {exc}"))
+        self.moved_to = moved
+        counts = _copy_readable(moved, db)
+        saved = (f"{counts['conversations']} chat{'s' if counts['conversations'] != 1 else ''} and "
+                 f"{counts['messages']} message{'s' if counts['messages'] != 1 else ''} were recovered"
+                 if any(counts.values()) else "nothing in it could be read, so the history starts empty")
+        self.notice = (f"The chat history file was damaged. It was moved to {moved}; {saved}. "
+                       "Keep the moved file if you want to try recovering more from it.")
+        return db
 
     def close(self) -> None:
         self._db.close()
@@ -239,6 +330,85 @@ class ConversationStore:
         for m in data["messages"]:
             parts.append(f"### {names.get(m['role'], m['role'])}\n\n{m['content']}\n")
         return "\n".join(parts)
+
+
+def _header(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(16)
+
+
+def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
+    """SQLITE_CORRUPT or SQLITE_NOTADB (a text file, garbage pages), or a failed quick_check."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return True
+    return code is None and not isinstance(exc, sqlite3.OperationalError)
+
+
+def _copy_readable(damaged: Path, db: sqlite3.Connection) -> dict[str, int]:
+    """Copy the rows SQLite can still read from `damaged` into `db`, row by row; counts per table."""
+    counts = dict.fromkeys(TABLES, 0)
+    # immutable: no -shm beside the damaged file, unless it has a WAL whose pages must be read too
+    immutable = "" if Path(f"{damaged}-wal").exists() else "&immutable=1"
+    try:
+        source = sqlite3.connect(f"{damaged.resolve().as_uri()}?mode=ro{immutable}", uri=True)
+    except sqlite3.Error:
+        return counts
+    try:
+        conversation_ids: set[int] = set()
+        for table in TABLES:
+            columns = [r[1] for r in db.execute(f"PRAGMA table_info({table})")]
+            for row in _readable_rows(source, table, columns):
+                if table == "messages" and row["conversation_id"] not in conversation_ids:
+                    _insert(db, "conversations", {  # the chat row was lost, its messages were not
+                        "id": row["conversation_id"], "title": f"Recovered chat {row['conversation_id']}",
+                        "system_prompt": "", "created": row["created"], "updated": row["created"]})
+                    conversation_ids.add(row["conversation_id"])
+                if _insert(db, table, row) and table == "conversations":
+                    conversation_ids.add(row["id"])
+        db.commit()
+        for table in TABLES:
+            (counts[table],) = db.execute(f"SELECT count(*) FROM {table}").fetchone()
+    finally:
+        source.close()
+    return counts
+
+
+def _readable_rows(source: sqlite3.Connection, table: str, columns: list[str]) -> list[dict]:
+    """Every row that can be read: one scan, and past a damaged page, a lookup per rowid."""
+    select = f"SELECT {', '.join(columns)} FROM {table}"
+    rows: dict[int, dict] = {}
+    try:
+        for r in source.execute(select + " ORDER BY id"):
+            rows[r[0]] = dict(zip(columns, r))
+        return list(rows.values())
+    except sqlite3.DatabaseError:
+        pass
+    upper = max(rows, default=0)
+    for query in (f"SELECT max(id) FROM {table}", "SELECT seq FROM sqlite_sequence WHERE name=?"):
+        try:
+            found = source.execute(query, (table,) if "?" in query else ()).fetchone()
+            upper = max(upper, int(found[0] or 0)) if found else upper
+        except (sqlite3.DatabaseError, TypeError, ValueError):
+            pass
+    for rowid in range(1, min(upper, MAX_PROBES) + 1):
+        if rowid in rows:
+            continue
+        try:
+            r = source.execute(select + " WHERE id=?", (rowid,)).fetchone()
+        except sqlite3.DatabaseError:
+            continue
+        if r is not None:
+            rows[rowid] = dict(zip(columns, r))
+    return [rows[k] for k in sorted(rows)]
+
+
+def _insert(db: sqlite3.Connection, table: str, row: dict) -> bool:
+    try:
+        db.execute(f"INSERT INTO {table}({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
+    except sqlite3.Error:
+        return False  # a row damaged beyond its constraints (NULL title, a duplicate id)
+    return True
 
 
 def _title_from(content: str) -> str:

@@ -73,3 +73,146 @@ def test_export_markdown_and_json(tmp_path):
     assert [m["role"] for m in data["messages"]] == ["user", "assistant"]
     assert data["messages"][1]["stats"] == {"new_tokens": 7}
     store.close()
+
+
+# -- a damaged or unwritable file: open anyway, say what happened --------------------------------
+import os  # noqa: E402
+import sqlite3  # noqa: E402
+
+import pytest  # noqa: E402
+
+from app import conversation_store  # noqa: E402
+
+PAGE = 4096  # SQLite's default page size
+
+
+def _fill(path, chats: int = 5, messages: int = 20) -> None:
+    """A history of several pages: each message is about a quarter of a page."""
+    store = ConversationStore(path)
+    for i in range(chats):
+        conv = store.create_conversation(f"chat {i}")
+        for j in range(messages):
+            store.add_message(conv.id, "user" if j % 2 == 0 else "assistant", f"{i}-{j} " + "x" * 900)
+    store.close()  # checkpoints the WAL: every row is in the main file now
+
+
+def _quick_check(path) -> list:
+    db = sqlite3.connect(path)
+    try:
+        return [r[0] for r in db.execute("PRAGMA quick_check")]
+    except sqlite3.DatabaseError as exc:
+        return [str(exc)]
+    finally:
+        db.close()
+
+
+def test_a_healthy_file_opens_without_a_notice(tmp_path):
+    _fill(tmp_path / "c.sqlite3", chats=2, messages=2)
+    store = ConversationStore(tmp_path / "c.sqlite3")
+    assert store.notice == "" and store.moved_to is None and not store.in_memory
+    assert len(store.conversations()) == 2
+    store.close()
+
+
+def test_garbage_pages_are_moved_aside_and_readable_rows_recovered(tmp_path):
+    path = tmp_path / "c.sqlite3"
+    _fill(path)
+    with open(path, "r+b") as f:  # page 10: a leaf of the messages table, past the schema and the chats
+        f.seek(9 * PAGE)
+        f.write(os.urandom(PAGE))
+    assert _quick_check(path) != ["ok"]
+    store = ConversationStore(path)
+    assert store.moved_to is not None and store.moved_to.exists() and store.moved_to.name.startswith("c.sqlite3.corrupt-")
+    assert str(store.moved_to) in store.notice and "damaged" in store.notice
+    conversations = store.conversations()
+    assert sorted(c.title for c in conversations) == [f"chat {i}" for i in range(5)]
+    recovered = sum(len(store.messages(c.id)) for c in conversations)
+    assert 50 < recovered < 100  # one page of messages is lost, the rest is back
+    assert f"{recovered} messages" in store.notice
+    store.add_message(conversations[0].id, "user", "still works")  # the new file takes writes
+    store.close()
+    assert _quick_check(path) == ["ok"]
+
+
+def test_messages_whose_chat_row_was_lost_get_a_placeholder_chat(tmp_path):
+    path = tmp_path / "c.sqlite3"
+    _fill(path, chats=3, messages=4)
+    with open(path, "r+b") as f:  # page 2: the conversations table
+        f.seek(1 * PAGE)
+        f.write(os.urandom(PAGE))
+    store = ConversationStore(path)
+    conversations = store.conversations()
+    assert len(conversations) == 3 and all(c.title.startswith("Recovered chat") for c in conversations)
+    assert [len(store.messages(c.id)) for c in conversations] == [4, 4, 4]
+    store.close()
+
+
+def test_a_text_file_in_place_of_the_database_starts_an_empty_history(tmp_path):
+    path = tmp_path / "c.sqlite3"
+    path.write_text("these are my notes, not a database\n" * 50, encoding="utf-8")
+    store = ConversationStore(path)
+    assert store.moved_to.read_text(encoding="utf-8").startswith("these are my notes")
+    assert "nothing in it could be read" in store.notice and str(store.moved_to) in store.notice
+    assert store.conversations() == [] and not store.in_memory
+    store.create_conversation("fresh")
+    store.close()
+    assert _quick_check(path) == ["ok"]
+
+
+def test_a_stale_wal_goes_aside_with_the_damaged_file(tmp_path):
+    path = tmp_path / "c.sqlite3"
+    path.write_bytes(b"garbage" * 1000)
+    (tmp_path / "c.sqlite3-wal").write_bytes(b"old wal")
+    store = ConversationStore(path)
+    assert (tmp_path / f"{store.moved_to.name}-wal").read_bytes() == b"old wal"
+    assert store.conversations() == []
+    store.close()
+
+
+def test_a_data_folder_that_cannot_be_created_keeps_history_in_memory(tmp_path):
+    """A path under a regular file cannot be made a folder, even by root (chmod would not stop root)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    store = ConversationStore(blocker / "data" / "c.sqlite3")
+    assert store.in_memory and "nothing will be saved" in store.notice
+    conv = store.create_conversation()
+    store.add_message(conv.id, "user", "kept for this session")
+    assert store.messages(conv.id)[0].content == "kept for this session"
+    assert blocker.read_text() == "x"
+    store.close()
+
+
+def test_a_read_only_file_is_loaded_into_memory(tmp_path, monkeypatch):
+    """SQLite opened read-only (mode=ro) refuses writes the way a read-only file or folder does for a user."""
+    path = tmp_path / "c.sqlite3"
+    _fill(path, chats=2, messages=2)
+    before = path.read_bytes()
+    real_connect = sqlite3.connect
+
+    def read_only(database, *args, **kwargs):
+        if database == ":memory:" or kwargs.get("uri"):
+            return real_connect(database, *args, **kwargs)
+        return real_connect(f"{path.resolve().as_uri()}?mode=ro", *args, uri=True, **kwargs)
+
+    monkeypatch.setattr(conversation_store.sqlite3, "connect", read_only)
+    store = ConversationStore(path)
+    assert store.in_memory and str(path) in store.notice and "nothing will be saved" in store.notice
+    conversations = store.conversations()
+    assert len(conversations) == 2  # what was saved is there
+    store.add_message(conversations[0].id, "user", "only in memory")
+    store.close()
+    assert path.read_bytes() == before
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes through chmod")
+def test_a_read_only_folder_keeps_history_in_memory(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    _fill(folder / "c.sqlite3", chats=1, messages=1)
+    folder.chmod(0o500)
+    try:
+        store = ConversationStore(folder / "c.sqlite3")
+        assert store.in_memory and len(store.conversations()) == 1
+        store.close()
+    finally:
+        folder.chmod(0o700)
