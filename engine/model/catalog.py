@@ -19,6 +19,10 @@ def _entry(source: str, origin: str, name: str | None = None) -> dict:
         error = None
     except EngineError as e:
         entry, error = {"name": Path(source).name, "path": str(source)}, str(e)
+    except Exception as e:  # noqa: BLE001 - one odd folder must not empty the whole list
+        log.warning("%s could not be inspected", source, exc_info=True)
+        entry = {"name": Path(source).name, "path": str(source)}
+        error = f"{source} could not be read ({type(e).__name__}: {e}); MoE Chat cannot load it"
     entry.update(source=str(source), origin=origin, error=error)
     if name:
         entry["name"] = name

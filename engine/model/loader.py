@@ -297,13 +297,60 @@ def _layer_kv_bytes(layer, dtype: torch.dtype) -> int:
     return int(2 * heads * head_dim * torch.tensor([], dtype=dtype).element_size())
 
 
-def _top_k(config) -> int:
+TOP_K_FIELDS = ("num_experts_per_tok", "moe_top_k", "top_k", "num_experts_per_token", "moe_topk")
+_EXPERT_KEY = re.compile(r"^(.*\.experts)\.(\d+)\.(.+)$")  # `...mlp.experts.3.gate_proj.weight`
+
+
+def _top_k_field(config) -> tuple[str | None, int]:
+    """The config field that says how many experts each token is routed to, and its value."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for attr in ("num_experts_per_tok", "moe_top_k", "top_k", "num_experts_per_token", "moe_topk"):
+    for attr in TOP_K_FIELDS:
         v = getattr(text, attr, None)
-        if isinstance(v, int):
-            return v
-    return 0
+        if isinstance(v, int) and not isinstance(v, bool):
+            return attr, v
+    return None, 0
+
+
+def _top_k(config) -> int:
+    return _top_k_field(config)[1]
+
+
+def _check_config(path: Path, config) -> None:
+    """Values no model can be built with, refused by name before anything is built from them."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers < 1:
+        raise ModelError(f"{path / 'config.json'}: num_hidden_layers is {layers}, but a model needs at least one "
+                         "layer; the file is damaged or was edited by hand, download it again")
+
+
+def _check_top_k(path: Path, config, num_experts: int) -> None:
+    """Each token goes to between 1 and all of a layer's experts; anything else fails mid-generation."""
+    name, k = _top_k_field(config)
+    if name is not None and not 1 <= k <= num_experts:
+        raise ModelError(f"{path / 'config.json'}: {name} is {k}, but each token must be routed to between 1 and "
+                         f"the {num_experts} experts a layer has; the file is damaged or was edited by hand, "
+                         "download it again")
+
+
+def _check_expert_shapes(headers: list[tuple[Path, dict]]) -> None:
+    """The experts of one layer all have the same shapes. One odd expert tensor would otherwise fail deep
+    in transformers' weight conversion, with a message that names no tensor."""
+    groups: dict[tuple[str, str], dict[tuple, list[tuple[Path, str]]]] = {}
+    for file, header in headers:
+        for key, t in header.items():
+            m = _EXPERT_KEY.match(key)
+            if m and isinstance(t, dict):
+                groups.setdefault((m[1], m[3]), {}).setdefault(tuple(t["shape"]), []).append((file, key))
+    for (_layer, name), shapes in groups.items():
+        if len(shapes) > 1:
+            expected = max(shapes, key=lambda s: len(shapes[s]))
+            odd = next(s for s in shapes if s != expected)
+            file, key = shapes[odd][0]
+            raise ModelError(
+                f"{file.name}: tensor {key!r} has shape {odd}, but the layer's other experts have {name} of shape "
+                f"{expected}; the file is damaged or mixes two models, download it again"
+            )
 
 
 def _check_shapes(meta_model, headers: list[tuple[Path, dict]]) -> None:
@@ -323,18 +370,26 @@ def inspect_model(source: str | os.PathLike, *, trust_remote_code: bool = False)
     path = resolve_source(source)
     raw = _read_config(path)
     config = _make_config(path, raw, trust_remote_code)
+    _check_config(path, config)
     files = _weight_files(path)
     headers = [(f, read_safetensors_header(f)) for f in files]
     dtype = _dtype_of(config, [h for _, h in headers])
     cls = _model_class(config)
-    with torch.device("meta"):
-        meta = cls._from_config(config, dtype=dtype)
+    try:
+        with torch.device("meta"):
+            meta = cls._from_config(config, dtype=dtype)
+    except Exception as e:  # a value transformers' own code cannot build a model from
+        raise ModelError(f"{path / 'config.json'} describes a {config.model_type} model that cannot be built "
+                         f"({type(e).__name__}: {e}); the file is damaged or was edited by hand") from None
+    _check_expert_shapes(headers)
     _check_shapes(meta, headers)
     experts = [m for m in meta.modules() if is_experts_module(m)]
     esize = torch.tensor([], dtype=dtype).element_size()
     total = sum(p.numel() for p in meta.parameters())
     expert_params = sum(getattr(m, n).numel() for m in experts for n in expert_tensor_names(m))
     num_experts = int(getattr(experts[0], expert_tensor_names(experts[0])[0]).shape[0]) if experts else 0
+    if experts:
+        _check_top_k(path, config, num_experts)
     has_tok = any((path / f).exists() for f in TOKENIZER_FILES)
     chat_template = (path / "chat_template.jinja").exists() or (path / "chat_template.json").exists()
     tok_cfg = path / "tokenizer_config.json"
@@ -510,6 +565,43 @@ class _QuantizedReading:
         return True
 
 
+def _checkpoint_shapes(path: Path, target: str) -> str:
+    """`gate_proj.weight (32, 48), up_proj.weight (32, 64) per expert`: what the checkpoint holds for one
+    stacked parameter's module (its first expert), for a message."""
+    prefix = target.rpartition(".")[0] + "."
+    found = {}
+    for file in _weight_files(path):
+        for key, t in read_safetensors_header(file).items():
+            m = _EXPERT_KEY.match(key)
+            if key.startswith(prefix) and m and m[2] == "0":
+                found[m[3]] = tuple(t["shape"])
+    return ", ".join(f"{n} {shape}" for n, shape in sorted(found.items())) + " per expert" if found else "other shapes"
+
+
+def _naming_conversion_errors(report, path: Path):
+    """Stands in for transformers' load report: a failed weight conversion (which it reports as "look at
+    the CONVERSION entries of the above report!", a report our quiet logging hides) becomes a ModelError
+    that names the tensor and what went wrong."""
+
+    def log_report(model, pretrained_model_name_or_path, ignore_mismatched_sizes, loading_info, logger=None):
+        errors = getattr(loading_info, "conversion_errors", None) or {}
+        if errors:
+            key, detail = sorted(errors.items())[0]
+            lines = [ln.strip() for ln in str(detail).splitlines() if ln.strip()]
+            reason = next((ln for ln in reversed(lines) if re.match(r"^\w+(Error|Exception): ", ln)), lines[-1] if lines else "")
+            with contextlib.suppress(Exception):
+                reason += f"; the model expects {key!r} of shape {tuple(model.get_parameter(key).shape)}"
+                reason += f", the checkpoint has {_checkpoint_shapes(path, key)}"
+            raise ModelError(
+                f"{path.name}: the checkpoint's tensors for {key!r} do not fit together ({reason}); "
+                f"config.json and the weights belong to different models, or a file is damaged"
+                + (f" ({len(errors)} such tensors)" if len(errors) > 1 else ""))
+        return report(model=model, pretrained_model_name_or_path=pretrained_model_name_or_path,
+                      ignore_mismatched_sizes=ignore_mismatched_sizes, loading_info=loading_info, logger=logger)
+
+    return log_report
+
+
 def _from_pretrained(cls, path: Path, dtype, experts: bool, trust_remote_code: bool, progress, cancel,
                      fmt: str = "source", saved: dict[str, torch.Tensor] | None = None):
     import transformers.core_model_loading as cml
@@ -523,6 +615,8 @@ def _from_pretrained(cls, path: Path, dtype, experts: bool, trust_remote_code: b
         kwargs["experts_implementation"] = EXPERTS_IMPLEMENTATION
     original = getattr(cml, "tqdm", None)
     original_open = mu.safe_open
+    original_report = mu.log_state_dict_report
+    mu.log_state_dict_report = _naming_conversion_errors(original_report, path)
     reading = _QuantizedReading(cml.set_param_for_module, fmt, saved) if fmt != "source" else None
     cml.tqdm = _ProgressLoop(progress, cancel, 0.1, 0.85, reading)
     mu.safe_open = _pread_safe_open(original_open)
@@ -545,6 +639,7 @@ def _from_pretrained(cls, path: Path, dtype, experts: bool, trust_remote_code: b
     finally:
         cml.tqdm = original
         mu.safe_open = original_open
+        mu.log_state_dict_report = original_report
         cml.set_param_for_module = original_set
         if async_load is None:
             os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
