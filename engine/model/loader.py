@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -126,6 +127,33 @@ class LoadedModel:
 
 
 # -- finding and checking files ---------------------------------------------------------------------
+def _unreadable_named(fn):
+    """A file or folder of the model that we may not read becomes a ModelError naming it, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PermissionError as e:
+            raise ModelError(
+                f"cannot read {e.filename or 'a file of the model'}: permission denied; give your user read access "
+                "(e.g. chmod -R u+rX on the model folder) or copy the model to a folder you own") from None
+        except OSError as e:
+            if e.filename is None:
+                raise
+            raise ModelError(f"cannot read {e.filename}: {e.strerror or e}; check the disk and the file") from None
+
+    return wrapper
+
+
+def _blocked_parent(path: Path) -> Path | None:
+    """The nearest existing parent folder we may not enter, when that is why `path` looks missing."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            return None if os.access(parent, os.X_OK) else parent
+    return None
+
+
 def resolve_source(source: str | os.PathLike) -> Path:
     """A folder on disk, or a model id already in the local Hugging Face cache (never downloads)."""
     path = Path(source).expanduser()
@@ -133,6 +161,9 @@ def resolve_source(source: str | os.PathLike) -> Path:
         return path
     if path.exists():
         raise ModelError(f"{path} is a file; choose the model's folder (the one holding config.json)")
+    blocked = _blocked_parent(path)
+    if blocked is not None:
+        raise PermissionError(13, "Permission denied", str(blocked))
     text = str(source)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", text):
         from huggingface_hub import snapshot_download
@@ -365,6 +396,7 @@ def _check_shapes(meta_model, headers: list[tuple[Path, dict]]) -> None:
                 )
 
 
+@_unreadable_named
 def inspect_model(source: str | os.PathLike, *, trust_remote_code: bool = False) -> ModelInfo:
     """Everything about a model that can be known without loading its weights (fast)."""
     path = resolve_source(source)
@@ -632,6 +664,10 @@ def _from_pretrained(cls, path: Path, dtype, experts: bool, trust_remote_code: b
             model, info = cls.from_pretrained(path, **kwargs)
     except (Cancelled, ModelError):
         raise
+    except OSError as e:
+        if e.filename is None:
+            raise ModelError(f"{path.name} could not be loaded: {type(e).__name__}: {e}") from None
+        raise  # named by _unreadable_named
     except MemoryError:
         raise InsufficientMemoryError(f"ran out of memory while loading {path.name}") from None
     except Exception as e:
@@ -722,6 +758,8 @@ def _load_tokenizer(path: Path, trust_remote_code: bool):
 
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except PermissionError:
+        raise  # named by _unreadable_named
     except Exception as e:
         raise ModelError(f"the tokenizer files in {path} could not be read ({type(e).__name__}: {e})") from None
 
@@ -775,6 +813,7 @@ def _check_memory(info: ModelInfo, dev: torch.device, experts: str, dense: str) 
             )
 
 
+@_unreadable_named
 def load_model(
     source: str | os.PathLike,
     *,
