@@ -17,6 +17,7 @@ import gc
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -86,6 +87,8 @@ class EngineWorker(QObject):
     policy_applied = Signal(str)
     models_listed = Signal(object)             # list of dicts
     error = Signal(str)
+    server_changed = Signal(object)            # {"url": str | None, "error": str | None}
+    _job_arrived = Signal(object)              # a request of the local server, from its HTTP thread
 
     def __init__(self) -> None:
         super().__init__()
@@ -113,6 +116,15 @@ class EngineWorker(QObject):
         self._stats_timer = QTimer(self)
         self._stats_timer.setInterval(STATS_INTERVAL_MS)
         self._stats_timer.timeout.connect(self._emit_stats)
+        # The local server: its HTTP thread posts jobs here; they run between chat replies, one token
+        # per event-loop turn like a reply, so this thread stays the model's only user.
+        self._server = None
+        self._board = None
+        self._jobs: deque = deque()
+        self._job: Any = None
+        self._job_steps: Iterator | None = None
+        self._waiting_chat: tuple | None = None
+        self._job_arrived.connect(self._take_job, Q)
 
     # -- called from any thread ----------------------------------------------------------------
     def stop(self) -> None:
@@ -142,13 +154,16 @@ class EngineWorker(QObject):
     def teardown(self) -> None:
         """Last call before the thread ends: stop timers, drop the model, quit the event loop."""
         self._stats_timer.stop()
+        self.stop_server()
         self._finish_generation(cancelled=True)
         self._release()
         QThread.currentThread().quit()
 
     def _release(self) -> None:
         """Drop the current model and give its cache memory back."""
+        self._end_job()
         loaded, self._loaded, self._session = self._loaded, None, None
+        self._update_board()
         runtime = getattr(loaded, "runtime", None)
         if runtime is not None and hasattr(runtime, "close"):
             try:
@@ -191,6 +206,7 @@ class EngineWorker(QObject):
             self._release()
             self._loaded = loaded
             self._session = eng["session"].Session(loaded)
+            self._update_board()
             self.model_loaded.emit(load_id, self._describe(source))
         except BaseException as exc:  # noqa: BLE001 - report every failure, keep the current model
             if _engine and isinstance(exc, _engine["errors"].Cancelled):
@@ -203,6 +219,7 @@ class EngineWorker(QObject):
             self._load_event = None
             self._set_state("idle")
             self._emit_stats()
+            self._schedule_job()
 
     def _load_with_budget(self, load_id: int, source: str, budget: object, policy: str, event) -> Any:
         def progress(fraction: float, message: str) -> None:
@@ -245,7 +262,11 @@ class EngineWorker(QObject):
 
     @Slot(int, object, object)
     def generate(self, request_id: int, messages: list, params: dict) -> None:
-        """Start a reply; tokens follow one per event-loop turn until the end or Stop."""
+        """Start a reply; tokens follow one per event-loop turn until the end or Stop. A reply asked for
+        while a server request runs starts right after it."""
+        if self._job_steps is not None:
+            self._waiting_chat = (request_id, messages, params)
+            return
         self._finish_generation(cancelled=True)
         self._request = request_id
         self._tokens = 0
@@ -279,7 +300,10 @@ class EngineWorker(QObject):
     @Slot()
     def _step(self) -> None:
         if self._gen is None:
-            self._step_timer.stop()
+            if self._job_steps is not None:
+                self._step_job()
+            else:
+                self._step_timer.stop()
             return
         self._stepped = True
         try:
@@ -317,6 +341,7 @@ class EngineWorker(QObject):
         self._set_state("idle")
         self.reply_finished.emit(self._request, stats)
         self._emit_stats()
+        self._schedule_job()
 
     def _fail_generation(self, exc: BaseException) -> None:
         traceback.print_exc()
@@ -326,6 +351,103 @@ class EngineWorker(QObject):
         self._set_state("idle")
         self.error.emit(message)
         self.reply_finished.emit(self._request, {"finish_reason": "error", "error": message, "new_tokens": self._tokens})
+        self._schedule_job()
+
+    # -- the local server ------------------------------------------------------------------------
+    @Slot(str, int, str)
+    def start_server(self, host: str, port: int, api_key: str) -> None:
+        self.stop_server()
+        try:
+            from engine.server.generation_queue import JobBoard
+            from engine.server.serve import ServerThread
+
+            self._board = JobBoard(self._job_arrived.emit)
+            self._update_board()
+            self._server = ServerThread(self._board, host, port, api_key or None)
+        except BaseException as exc:  # noqa: BLE001 - a port in use must not take the app down
+            self._board = None
+            self.server_changed.emit({"url": None, "error": _user_message(exc, "Starting the local server")})
+            return
+        self.server_changed.emit({"url": self._server.url, "error": None})
+
+    @Slot()
+    def stop_server(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.stop()
+        self._end_job()
+        while self._jobs:
+            self._refuse(self._jobs.popleft(), "the local server was stopped")
+        self._board = None
+        self.server_changed.emit({"url": None, "error": None})
+
+    def _update_board(self) -> None:
+        """What the server offers follows the loaded model (none, or one that cannot chat)."""
+        if self._board is None:
+            return
+        usable = self._session is not None and self._loaded.tokenizer is not None
+        self._board.model_id = self._loaded.info.name if usable else None
+        self._board.context_length = self._session.context_length if usable else 0
+
+    @Slot(object)
+    def _take_job(self, job: Any) -> None:
+        if self._board is None:  # arrived as the server stopped
+            self._refuse(job, "the local server was stopped")
+            return
+        self._jobs.append(job)
+        self._schedule_job()
+
+    def _schedule_job(self) -> None:
+        """After the current slot: the slot may be about to start a reply of its own."""
+        QTimer.singleShot(0, self._next_job)
+
+    @Slot()
+    def _next_job(self) -> None:
+        if self._gen is not None or self._job_steps is not None:
+            return
+        if self._waiting_chat is not None:
+            waiting, self._waiting_chat = self._waiting_chat, None
+            self.generate(*waiting)
+            return
+        if not self._jobs or self._board is None:
+            return
+        self._job = self._jobs.popleft()
+        self._board.taken()
+        if self._session is None:
+            self._refuse(self._job, "no model is loaded in MoE Chat", taken=True)
+            self._job = None
+            return
+        self._job_steps = self._board.run(self._session, self._job)
+        self._set_state("serving")
+        self._step_timer.start()
+
+    def _step_job(self) -> None:
+        try:
+            next(self._job_steps)  # the board reports its own errors to the client
+        except StopIteration:
+            self._job_steps = self._job = None
+            self._step_timer.stop()
+            self._set_state("idle")
+            self._schedule_job()
+        self._emit_stats()
+
+    def _end_job(self) -> None:
+        """Cancel the server request in progress (the model is going away); it ends within a token."""
+        if self._job_steps is None:
+            return
+        self._job.cancel.set()
+        for _ in self._job_steps:
+            pass
+        self._job_steps = self._job = None
+        self._step_timer.stop()
+
+    def _refuse(self, job: Any, message: str, taken: bool = False) -> None:
+        from engine.server.generation_queue import PromptError
+
+        if not taken and self._board is not None:
+            self._board.taken()
+        job.emit("error", PromptError(message, "model_not_loaded"))
 
     @Slot(object)
     def set_budget(self, budget: object) -> None:
@@ -418,6 +540,7 @@ class EngineClient(QObject):
     policy_applied = Signal(str)
     models_listed = Signal(object)
     error = Signal(str)
+    server_changed = Signal(object)
 
     _req_start = Signal()
     _req_teardown = Signal()
@@ -426,6 +549,8 @@ class EngineClient(QObject):
     _req_budget = Signal(object)
     _req_policy = Signal(str)
     _req_list = Signal(object)
+    _req_server_start = Signal(str, int, str)
+    _req_server_stop = Signal()
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -436,17 +561,18 @@ class EngineClient(QObject):
         self._thread.setObjectName("engine-worker")
         self.worker = EngineWorker()
         self.worker.moveToThread(self._thread)
-        for name in ("start", "teardown", "load", "generate", "budget", "policy", "list"):
-            slot = {
-                "start": self.worker.start, "teardown": self.worker.teardown, "load": self.worker.load,
-                "generate": self.worker.generate, "budget": self.worker.set_budget,
-                "policy": self.worker.set_policy, "list": self.worker.list_models,
-            }[name]
+        slots = {
+            "start": self.worker.start, "teardown": self.worker.teardown, "load": self.worker.load,
+            "generate": self.worker.generate, "budget": self.worker.set_budget,
+            "policy": self.worker.set_policy, "list": self.worker.list_models,
+            "server_start": self.worker.start_server, "server_stop": self.worker.stop_server,
+        }
+        for name, slot in slots.items():
             getattr(self, f"_req_{name}").connect(slot, Q)
         for name in (
             "state_changed", "load_progress", "model_loaded", "load_failed", "model_unloaded", "token",
             "reply_finished", "stats", "budget_applied", "budget_refused", "policy_applied",
-            "models_listed", "error",
+            "models_listed", "error", "server_changed",
         ):
             getattr(self.worker, name).connect(getattr(self, name), Q)
         self.model_loaded.connect(self._remember_model)
@@ -455,6 +581,8 @@ class EngineClient(QObject):
         self.stats.connect(lambda s: setattr(self, "last_stats", s))
         self.budget_applied.connect(self._remember_budget)
         self.policy_applied.connect(self._remember_policy)
+        self.server_url: str | None = None
+        self.server_changed.connect(lambda s: setattr(self, "server_url", s.get("url")))
         self._started = False
 
     def start(self) -> None:
@@ -496,6 +624,13 @@ class EngineClient(QObject):
 
     def list_models(self, extra_dirs: list[str]) -> None:
         self._req_list.emit(list(extra_dirs))
+
+    def start_server(self, port: int, api_key: str = "", host: str = "127.0.0.1") -> None:
+        """The OpenAI-compatible server on the loaded model; `server_changed` says where, or why not."""
+        self._req_server_start.emit(host, int(port), api_key)
+
+    def stop_server(self) -> None:
+        self._req_server_stop.emit()
 
     def shutdown(self, timeout_ms: int = 2000) -> bool:
         """Stop everything and join the worker thread; True when it ended in time."""

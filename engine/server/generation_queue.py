@@ -52,10 +52,13 @@ class Job:
 
 
 class JobBoard:
-    """The engine as the HTTP side sees it. `_enqueue` hands a job to the model's owner, which calls
-    `run(session, job)` there; `model_id` None means no model is loaded."""
+    """The engine as the HTTP side sees it. `enqueue` hands a job to the model's owner (from an HTTP
+    thread), which calls `taken()` and then steps `run(session, job)` on its own thread; `model_id` None
+    means no model is loaded."""
 
-    def __init__(self, model_id: str | None, context_length: int, max_waiting: int = 16):
+    def __init__(self, enqueue: Callable[[Job], None], model_id: str | None = None, context_length: int = 0,
+                 max_waiting: int = 16):
+        self._enqueue = enqueue
         self.model_id = model_id
         self.context_length = context_length
         self.max_waiting = max_waiting
@@ -77,9 +80,6 @@ class JobBoard:
                 raise QueueFull(f"{self._waiting} requests are already waiting")
             self._waiting += 1
         self._enqueue(job)
-
-    def _enqueue(self, job: Job) -> None:
-        raise NotImplementedError
 
     def taken(self) -> None:
         """The owner took a job off the queue (to run it, or to refuse it)."""
@@ -161,16 +161,13 @@ class GenerationQueue(JobBoard):
     """A thread that owns the session and serves jobs FIFO: the standalone server."""
 
     def __init__(self, session: Session, model_id: str = "model", max_waiting: int = 16):
-        super().__init__(model_id, session.context_length, max_waiting)
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        super().__init__(self._jobs.put, model_id, session.context_length, max_waiting)
         self.session = session
         runtime = session.loaded.runtime
         self.snapshot = runtime.snapshot() if runtime is not None else {}
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="moe-chat-engine", daemon=True)
         self._thread.start()
-
-    def _enqueue(self, job: Job) -> None:
-        self._jobs.put(job)
 
     def close(self) -> None:
         self._jobs.put(None)

@@ -23,7 +23,8 @@ from .metrics import ServerMetrics
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-STATUS = {"context_length_exceeded": 400, "invalid_prompt": 400, "cancelled": 499, "engine_error": 500}
+STATUS = {"context_length_exceeded": 400, "invalid_prompt": 400, "cancelled": 499, "engine_error": 500,
+          "model_not_loaded": 503}
 RETRY_AFTER_S = 2
 
 
@@ -174,7 +175,7 @@ def create_app(engine: JobBoard, api_key: str | None = None) -> FastAPI:
         kind, value = await _next(request, job, stream)
         if kind == "error":
             raise ApiError(STATUS.get(value.code, 400), str(value), code=value.code,
-                           kind="server_error" if value.code == "engine_error" else "invalid_request_error")
+                           kind="server_error" if STATUS.get(value.code, 400) >= 500 else "invalid_request_error")
         return job, stream, value
 
     async def _next(request: Request, job: Job, stream: _Stream):
