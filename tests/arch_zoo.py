@@ -64,8 +64,11 @@ FIXES: dict[str, dict] = {
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv"]},  # no default; checkpoints name them
     "deepseek_ocr2": {"text_config": {"mlp_layer_types": ["dense", "sparse", "sparse"]}},
     "jamba": {"attn_layer_period": 3, "attn_layer_offset": 2},  # else no attention layer among three
-    # the talker's shared expert reads a field its config class does not declare (checkpoints set it)
-    "qwen3_omni_moe": {"talker_config": {"text_config": {"shared_expert_intermediate_size": 32}}},
+    "glm4v_moe": {"text_config": {"rope_parameters": {"mrope_section": [8, 12, 12]}}},  # the modeling default
+    # the thinker and talker read fields their config classes do not declare (checkpoints set them)
+    "qwen3_omni_moe": {"thinker_config": {"vision_start_token_id": VOCAB_SIZE - 20},
+                       "talker_config": {"text_config": {"shared_expert_intermediate_size": 32},
+                                         "spatial_merge_size": 2}},
 }
 
 
@@ -130,7 +133,9 @@ def _overrides(defaults: dict, layers: int) -> dict:
         out["num_key_value_heads"] = out.get("num_attention_heads", SIZES["num_attention_heads"])  # MLA, MHA
     rope = defaults.get("rope_parameters")
     if isinstance(rope, dict) and rope.get("mrope_section"):  # sections of the tiny rotary half-size
-        half = (out.get("qk_rope_head_dim") or out.get("head_dim") or SIZES["head_dim"]) // 2
+        heads = out.get("num_attention_heads") or defaults.get("num_attention_heads") or 1
+        dim = out.get("qk_rope_head_dim") or out.get("head_dim") or defaults.get("head_dim") or HIDDEN // heads
+        half = int(dim * rope.get("partial_rotary_factor", 1.0)) // 2
         old = rope["mrope_section"]
         section = [max(1, s * half // sum(old)) for s in old]
         section[0] += half - sum(section)
@@ -181,20 +186,20 @@ def tiny_config(model_type: str, layers: int = LAYERS):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
-    defaults = cls().to_dict()
+    fixes = FIXES.get(model_type, {})
+    defaults = _merge(cls().to_dict(), fixes)  # fixes are what a checkpoint sets; they are shrunk like the rest
     overrides = _overrides(defaults, layers)
     overrides.update(initializer_range=INIT_STD, tie_word_embeddings=False)
-    fixes = FIXES.get(model_type, {})
-    config = cls(**_merge(_strip(overrides, cls), fixes))
+    config = cls(**_merge(fixes, _strip(overrides, cls)))
     if _fix_layer_lists(overrides, config.to_dict(), defaults, layers):
-        config = cls(**_merge(_strip(overrides, cls), fixes))
+        config = cls(**_merge(fixes, _strip(overrides, cls)))
     return config
 
 
-def _merge(base: dict, fixes: dict) -> dict:
-    """`base` with `fixes` on top, sub-config by sub-config (a fix may name a field the class lacks)."""
+def _merge(base: dict, top: dict) -> dict:
+    """`base` with `top` on it, sub-config by sub-config (a fix may name a field the class lacks)."""
     out = dict(base)
-    for key, value in fixes.items():
+    for key, value in top.items():
         out[key] = _merge(out.get(key) or {}, value) if isinstance(value, dict) else value
     return out
 

@@ -86,10 +86,21 @@ class _StopFilter:
         return "" if self.stopped else out
 
 
+def text_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that turns token ids into logits: the model, or for a wrapper with no forward of its own
+    (Qwen3-Omni runs its thinker, then a talker for speech) the first sub-model that has one."""
+    if type(model).forward is not torch.nn.Module.forward:
+        return model
+    for child in model.children():
+        if hasattr(child, "generate") and type(child).forward is not torch.nn.Module.forward:
+            return child
+    raise EngineError(f"{type(model).__name__} has no forward pass that generates text")
+
+
 class Session:
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
-        self.model = loaded.model
+        self.model = text_model(loaded.model)
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         self._kv = None

@@ -8,25 +8,31 @@ import torch
 
 from arch_zoo import make_zoo_model, model_class, tiny_config
 from engine import GenerationParams, Session, load_model
+from engine.model.session import text_model
 
 PROMPT = [5, 17, 42, 99, 7, 3, 250, 11, 64, 128]
 NEW = 8
 # Swept with tests/arch_zoo.py on transformers 5.24: these build and run in stock transformers (and match).
 # Vision-language and OCR models run text-only through their conditional-generation class.
 TEXT_ARCHITECTURES = [
-    "afmoe", "bailing_hybrid", "beam", "cohere2_moe", "deepseek_v2", "deepseek_v4", "dots1", "ernie4_5_moe",
-    "exaone_moe", "flex_olmo", "flint", "gemma4", "glm4_moe", "glm4_moe_lite", "gpt_oss", "granitemoe",
-    "granitemoe_swa", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "hy_v4", "jamba", "kimi_linear",
-    "kolibri1", "laguna", "lara_mini", "lfm2_moe", "mellum", "mimo_v2_flash", "minimax", "minimax_m2", "mistral4",
-    "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "qwen3_next", "solar_open", "zaya",
+    "afmoe", "axk1", "axk2", "bailing_hybrid", "beam", "cohere2_moe", "deepseek_v2", "deepseek_v3", "deepseek_v32",
+    "deepseek_v4", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo", "flint", "gemma4", "glm4_moe",
+    "glm4_moe_lite", "glm_moe_dsa", "gpt_oss", "granitemoe", "granitemoe_swa", "granitemoeshared",
+    "hunyuan_v1_moe", "hy_v3", "hy_v4", "jamba", "kimi_linear", "kolibri1", "laguna", "lara_mini", "lfm2_moe",
+    "mellum", "mimo_v2_flash", "minimax", "minimax_m2", "mistral4", "mixtral", "nemotron_h", "olmoe", "phimoe",
+    "qwen2_moe", "qwen3_moe", "qwen3_next", "solar_open", "zaya",
 ]
-VISION_LANGUAGE = ["aria", "deepseek_ocr2", "hy_v4_vl", "minimax_m3_vl", "muse_spark", "qwen3_vl_moe", "unlimited_ocr"]
+# Omni models (qwen3_omni_moe) run their thinker, the sub-model that writes text.
+VISION_LANGUAGE = [
+    "aria", "deepseek_ocr2", "dots3_note", "glm5_next", "hy_v4_vl", "minimax_m3_vl", "mistral_large4", "muse_spark",
+    "qwen3_5_moe", "qwen3_omni_moe", "qwen3_vl_moe", "qwen4_exp", "unlimited_ocr",
+]
 
 
 @pytest.mark.parametrize("model_type", TEXT_ARCHITECTURES + VISION_LANGUAGE)
 def test_engine_matches_stock_transformers(tmp_path, model_type):
     path = make_zoo_model(tmp_path / model_type, model_type)
-    stock = model_class(model_type).from_pretrained(path)
+    stock = text_model(model_class(model_type).from_pretrained(path))
     out = stock.generate(torch.tensor([PROMPT]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
                          eos_token_id=None, pad_token_id=0)
     expected = out[0, len(PROMPT):].tolist()
