@@ -72,11 +72,13 @@ class MainWindow(QMainWindow):
         self.last_error = ""
         self._closed = False
         self._main_load_id: int | None = None
+        self._server_wanted: tuple | None = None  # (port, key) the local server was last asked to run with
 
         self._build_ui()
         self._connect()
         self._restore_state()
         self.client.start()
+        self.apply_server_settings()
         self._open_initial_conversation()
         if autoload:
             self.load_model(model if model is not None else self.settings.value(Key.MODEL_SOURCE))
@@ -155,6 +157,10 @@ class MainWindow(QMainWindow):
         self.status_label = QLabel("Starting the engine…")
         self.device_label = QLabel()
         self.ram_label = QLabel()
+        self.server_label = QLabel()
+        self.server_label.setObjectName("serverLabel")
+        self.server_label.setVisible(False)
+        self.server_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.load_bar = QProgressBar()
         self.load_bar.setRange(0, 1000)
         self.load_bar.setMaximumWidth(220)
@@ -162,6 +168,7 @@ class MainWindow(QMainWindow):
         bar = self.statusBar()
         bar.addWidget(self.status_label, 1)
         bar.addPermanentWidget(self.load_bar)
+        bar.addPermanentWidget(self.server_label)
         bar.addPermanentWidget(self.device_label)
         bar.addPermanentWidget(self.ram_label)
 
@@ -208,6 +215,7 @@ class MainWindow(QMainWindow):
         c.budget_refused.connect(self.budget_bar.refuse)
         c.policy_applied.connect(self._on_policy_applied)
         c.error.connect(self._on_error)
+        c.server_changed.connect(self._on_server_changed)
         self.budget_bar.budget_requested.connect(c.set_budget)
         self.budget_bar.policy_requested.connect(c.set_policy)
         cv = self.chat_view
@@ -535,7 +543,8 @@ class MainWindow(QMainWindow):
         self.ram_label.setText(f"RAM {format_bytes(snap.get('rss_bytes', 0))}")
 
     def _on_state(self, state: str) -> None:
-        self.state_chip.setText({"idle": "ready", "loading": "loading…", "generating": "writing…"}.get(state, state))
+        self.state_chip.setText({"idle": "ready", "loading": "loading…", "generating": "writing…",
+                                 "serving": "serving API…"}.get(state, state))
         self.state_chip.setProperty("state", state)
         self.state_chip.style().unpolish(self.state_chip)
         self.state_chip.style().polish(self.state_chip)
@@ -550,6 +559,32 @@ class MainWindow(QMainWindow):
         dialog = SettingsDialog(self.settings, self)
         if dialog.exec():
             self.set_theme(self.settings.value(Key.THEME))
+            self.apply_server_settings()
+
+    # -- the local server ------------------------------------------------------------------------
+    def apply_server_settings(self) -> None:
+        """Start, restart or stop the local server to match the settings (only when they changed)."""
+        wanted = None
+        if self.settings.value(Key.SERVER_ENABLED):
+            wanted = (self.settings.value(Key.SERVER_PORT), self.settings.value(Key.SERVER_API_KEY))
+        if wanted == self._server_wanted:
+            return
+        self._server_wanted = wanted
+        if wanted is None:
+            self.client.stop_server()
+        else:
+            self.client.start_server(*wanted)
+
+    def _on_server_changed(self, state: dict) -> None:
+        url = state.get("url")
+        self.server_label.setVisible(url is not None)
+        if url is not None:
+            self.server_label.setText(f"API {url}")
+            self.server_label.setToolTip("OpenAI-compatible server on the loaded model; the base URL for clients")
+            self.status_label.setText(f"Local server at {url}")
+        elif state.get("error"):
+            self._server_wanted = None  # let the next settings change try again
+            self._on_error(state["error"])
 
     def set_theme(self, name: str) -> None:
         self.settings.set_value(Key.THEME, name)

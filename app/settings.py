@@ -28,6 +28,9 @@ class Key(str, enum.Enum):
     GEOMETRY = "ui/geometry"
     SPLITTER = "ui/splitter"
     LAST_CONVERSATION = "chat/last_conversation"
+    SERVER_ENABLED = "server/enabled"      # the OpenAI-compatible local server, off until asked for
+    SERVER_PORT = "server/port"
+    SERVER_API_KEY = "server/api_key"      # "" = no key (the server listens on 127.0.0.1 only)
 
 
 DEFAULTS: dict[Key, Any] = {
@@ -46,6 +49,9 @@ DEFAULTS: dict[Key, Any] = {
     Key.GEOMETRY: b"",
     Key.SPLITTER: b"",
     Key.LAST_CONVERSATION: 0,
+    Key.SERVER_ENABLED: False,
+    Key.SERVER_PORT: 8080,
+    Key.SERVER_API_KEY: "",
 }
 
 SAMPLING_KEYS = {

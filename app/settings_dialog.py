@@ -1,15 +1,22 @@
-"""Sampling settings and the default system prompt, saved with QSettings."""
+"""Sampling settings, the default system prompt, the theme and the local server, saved with QSettings."""
 
 from __future__ import annotations
 
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
+    QApplication,
+    QCheckBox,
     QComboBox,
     QDialog,
     QDialogButtonBox,
     QDoubleSpinBox,
     QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
     QLabel,
+    QLineEdit,
     QPlainTextEdit,
+    QPushButton,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -54,6 +61,7 @@ class SettingsDialog(QDialog):
         for value, text in (("system", "Follow the system"), ("light", "Light"), ("dark", "Dark")):
             self.theme.addItem(text, value)
         form.addRow("Theme", self.theme)
+        server = self._build_server_group(settings)
         note = QLabel("Sampling settings apply to the next reply. Each conversation keeps its own system prompt.")
         note.setObjectName("cardNote")
         note.setWordWrap(True)
@@ -66,9 +74,44 @@ class SettingsDialog(QDialog):
         buttons.button(QDialogButtonBox.StandardButton.RestoreDefaults).clicked.connect(self.restore_defaults)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
+        layout.addWidget(server)
         layout.addWidget(note)
         layout.addWidget(buttons)
         self._show(settings.sampling(), settings.value(Key.SYSTEM_PROMPT), settings.value(Key.THEME))
+
+    def _build_server_group(self, settings: Settings) -> QGroupBox:
+        box = QGroupBox("Local server")
+        self.server_enabled = QCheckBox("Serve the loaded model to other programs (OpenAI-compatible API)")
+        self.server_enabled.setChecked(settings.value(Key.SERVER_ENABLED))
+        self.server_port = self._int(1, 65535)
+        self.server_port.setValue(settings.value(Key.SERVER_PORT))
+        self.server_key = QLineEdit(settings.value(Key.SERVER_API_KEY))
+        self.server_key.setEchoMode(QLineEdit.EchoMode.PasswordEchoOnEdit)
+        self.server_key.setPlaceholderText("optional: clients then send it as a Bearer token")
+        self.base_url = QLabel()
+        self.base_url.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        copy = QPushButton("Copy base URL")
+        copy.setObjectName("copyBaseUrl")
+        copy.clicked.connect(lambda: QApplication.clipboard().setText(self.base_url.text()))
+        self.server_port.valueChanged.connect(self._show_base_url)
+        self._show_base_url()
+        url_row = QHBoxLayout()
+        url_row.addWidget(self.base_url, 1)
+        url_row.addWidget(copy)
+        form = QFormLayout(box)
+        form.addRow(self.server_enabled)
+        form.addRow("Port", self.server_port)
+        form.addRow("API key", self.server_key)
+        form.addRow("Base URL", url_row)
+        hint = QLabel("Only programs on this computer can connect (127.0.0.1). Chat replies and API requests "
+                      "take turns on the one loaded model.")
+        hint.setObjectName("cardNote")
+        hint.setWordWrap(True)
+        form.addRow(hint)
+        return box
+
+    def _show_base_url(self) -> None:
+        self.base_url.setText(f"http://127.0.0.1:{self.server_port.value()}/v1")
 
     @staticmethod
     def _double(lo: float, hi: float, step: float, decimals: int) -> QDoubleSpinBox:
@@ -102,4 +145,7 @@ class SettingsDialog(QDialog):
         self.settings.set_sampling(self.values())
         self.settings.set_value(Key.SYSTEM_PROMPT, self.system_prompt.toPlainText())
         self.settings.set_value(Key.THEME, self.theme.currentData())
+        self.settings.set_value(Key.SERVER_ENABLED, self.server_enabled.isChecked())
+        self.settings.set_value(Key.SERVER_PORT, self.server_port.value())
+        self.settings.set_value(Key.SERVER_API_KEY, self.server_key.text().strip())
         super().accept()

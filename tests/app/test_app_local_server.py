@@ -103,3 +103,48 @@ def test_a_port_in_use_is_reported_not_fatal(qtbot, client):
         assert blocker.args[0]["url"] is None and "in use" in blocker.args[0]["error"]
     finally:
         assert other.shutdown(5000)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_settings_turn_the_server_on_and_the_window_shows_its_address(qtbot, make_window):
+    from PySide6.QtWidgets import QApplication, QPushButton
+
+    from app.settings import Key
+    from app.settings_dialog import SettingsDialog
+
+    window = make_window()
+    assert not window.server_label.isVisible()
+    port = free_port()
+    dialog = SettingsDialog(window.settings, window)
+    assert not dialog.server_enabled.isChecked()  # off by default
+    dialog.server_enabled.setChecked(True)
+    dialog.server_port.setValue(port)
+    dialog.server_key.setText("  sekret ")
+    assert dialog.base_url.text() == f"http://127.0.0.1:{port}/v1"
+    QApplication.clipboard().clear()
+    dialog.findChild(QPushButton, "copyBaseUrl").click()
+    assert QApplication.clipboard().text() == f"http://127.0.0.1:{port}/v1"
+    dialog.accept()
+    assert window.settings.value(Key.SERVER_API_KEY) == "sekret"
+    with qtbot.waitSignal(window.client.server_changed, timeout=20_000):
+        window.apply_server_settings()
+    url = f"http://127.0.0.1:{port}/v1"
+    assert window.server_label.isVisible() and url in window.server_label.text()
+    hits_before = window.client.last_stats.get("hits", 0) + window.client.last_stats.get("misses", 0)
+    t, box = in_thread(lambda: openai.OpenAI(base_url=url, api_key="sekret", max_retries=0).chat.completions.create(
+        model=window.client.model_info["name"], messages=ASK, max_tokens=8, temperature=0))
+    qtbot.waitUntil(lambda: not t.is_alive(), timeout=60_000)
+    assert "error" not in box and box["value"].usage.completion_tokens >= 1
+    qtbot.waitUntil(lambda: window.client.last_stats.get("hits", 0) + window.client.last_stats.get("misses", 0)
+                    > hits_before, timeout=10_000)  # the panels see the server's traffic
+    window.settings.set_value(Key.SERVER_ENABLED, False)
+    with qtbot.waitSignal(window.client.server_changed, timeout=10_000):
+        window.apply_server_settings()
+    assert not window.server_label.isVisible()
