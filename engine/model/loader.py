@@ -374,9 +374,10 @@ def _check_expert_shapes(headers: list[tuple[Path, dict]]) -> None:
             if m and isinstance(t, dict):
                 groups.setdefault((m[1], m[3]), {}).setdefault(tuple(t["shape"]), []).append((file, key))
     for (_layer, name), shapes in groups.items():
-        if len(shapes) > 1:
+        # one odd tensor, not groups of experts with their own sizes (Ernie-4.5-VL: text and vision experts)
+        if len(shapes) > 1 and min(map(len, shapes.values())) == 1:
             expected = max(shapes, key=lambda s: len(shapes[s]))
-            odd = next(s for s in shapes if s != expected)
+            odd = min(shapes, key=lambda s: len(shapes[s]))
             file, key = shapes[odd][0]
             raise ModelError(
                 f"{file.name}: tensor {key!r} has shape {odd}, but the layer's other experts have {name} of shape "
