@@ -64,7 +64,9 @@ FIXES: dict[str, dict] = {
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv"]},  # no default; checkpoints name them
     "deepseek_ocr2": {"text_config": {"mlp_layer_types": ["dense", "sparse", "sparse"]}},
     "jamba": {"attn_layer_period": 3, "attn_layer_offset": 2},  # else no attention layer among three
-    "glm4v_moe": {"text_config": {"rope_parameters": {"mrope_section": [8, 12, 12]}}},  # the modeling default
+    # mrope sections the modeling code assumes where the config leaves them out (shrunk with the rotary)
+    "glm4v_moe": {"text_config": {"rope_parameters": {"mrope_section": [8, 12, 12]}}},
+    "ernie4_5_vl_moe": {"text_config": {"rope_parameters": {"mrope_section": [22, 22, 20]}}},
     # the thinker and talker read fields their config classes do not declare (checkpoints set them)
     "qwen3_omni_moe": {"thinker_config": {"vision_start_token_id": VOCAB_SIZE - 20},
                        "talker_config": {"text_config": {"shared_expert_intermediate_size": 32},
@@ -138,7 +140,7 @@ def _overrides(defaults: dict, layers: int) -> dict:
         half = int(dim * rope.get("partial_rotary_factor", 1.0)) // 2
         old = rope["mrope_section"]
         section = [max(1, s * half // sum(old)) for s in old]
-        section[0] += half - sum(section)
+        section[-1] += half - sum(section)  # the spatial (first) sections stay equal where they were
         out["rope_parameters"] = {**rope, "mrope_section": section}
     if "vocab_size" in defaults:
         out["vocab_size"] = VOCAB_SIZE
