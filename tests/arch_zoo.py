@@ -42,6 +42,7 @@ SIZES = {
     "mamba_n_groups": 1, "n_groups": 1, "mamba_d_conv": 4, "conv_kernel": 4, "mamba_expand": 2,
     "time_step_rank": 8, "mamba_dt_rank": 8, "chunk_size": 16, "conv_L_cache": 3,
     "num_nextn_predict_layers": 0, "mtp_num_layers": 0,
+    "unpadded_vocab_size": VOCAB_SIZE - 64,  # the head's rows; the embedding is padded to vocab_size
     # vision / audio towers of vision-language and omni models
     "depth": 2, "num_layers": LAYERS, "out_hidden_size": HIDDEN, "text_hidden_size": HIDDEN,
     "projection_dim": HIDDEN, "image_size": 32, "patch_size": 8, "spatial_merge_size": 2,
@@ -64,6 +65,8 @@ FIXES: dict[str, dict] = {
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv"]},  # no default; checkpoints name them
     "deepseek_ocr2": {"text_config": {"mlp_layer_types": ["dense", "sparse", "sparse"]}},
     "jamba": {"attn_layer_period": 3, "attn_layer_offset": 2},  # else no attention layer among three
+    # defaults to all-Mamba; Granite-4 checkpoints mix in attention layers
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention", "linear_attention"]},
     # mrope sections the modeling code assumes where the config leaves them out (shrunk with the rotary)
     "glm4v_moe": {"text_config": {"rope_parameters": {"mrope_section": [8, 12, 12]}}},
     "ernie4_5_vl_moe": {"text_config": {"rope_parameters": {"mrope_section": [22, 22, 20]}}},
@@ -168,13 +171,15 @@ def _fix_layer_lists(overrides: dict, built: dict, defaults: dict, layers: int) 
 
 def _settable(cls) -> set[str] | None:
     """The names a config class takes: its fields and aliases. Other keys of `to_dict()` are derived in
-    `__post_init__` (DeepSeek-V3's head_dim is its qk_rope_head_dim); passing them would override that."""
+    `__post_init__` (DeepSeek-V3's head_dim is its qk_rope_head_dim), and so are fields that default to
+    "auto" (Granite-MoE-Hybrid's mamba_d_head); passing them would override that."""
     import dataclasses
 
     if not dataclasses.is_dataclass(cls):
         return None
     aliases = getattr(cls, "attribute_map", {})
-    return {f.name for f in dataclasses.fields(cls)} | set(aliases) | set(aliases.values())
+    fields = {f.name for f in dataclasses.fields(cls) if f.default != "auto"}
+    return fields | set(aliases) | set(aliases.values())
 
 
 def _strip(overrides: dict, cls=None) -> dict:
