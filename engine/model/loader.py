@@ -66,6 +66,9 @@ class ModelInfo:
     weight_files: list[str] = field(default_factory=list)
     expert_matrices: list[list[int]] = field(default_factory=list)  # [out, in] of each matrix of one expert
     dense_linears: list[list[int]] = field(default_factory=list)  # [out, in] of each layer a dense format applies to
+    ships_code: bool = False  # config.json's auto_map names Python files of the folder's own
+    runs_own_code: bool = False  # ... and the user allowed them to run (else the built-in implementation runs)
+    code_note: str = ""  # what runs, in words, for such a folder
 
     def expert_bytes_in(self, fmt: str) -> int:
         """One expert's bytes when held in `fmt` (biases stay at the source precision)."""
@@ -250,28 +253,98 @@ def read_safetensors_header(file: Path) -> dict:
     return header
 
 
+def _without_hub_links(text: str) -> str:
+    """transformers' messages point at `https://huggingface.co/<repo>`; for a local folder that link is
+    the folder's path glued to the Hub's address, which leads nowhere."""
+    text = re.sub(r"\s*Checkout 'https://huggingface\.co/[^']*' for available files\.", "", text)
+    return re.sub(r"\s*You can inspect the repository content at https://hf\.co/\S*", "", text)
+
+
+def ships_code(raw: dict) -> bool:
+    """config.json's `auto_map` names Python files of the folder's own (transformers' "remote code")."""
+    return isinstance(raw.get("auto_map"), dict) and bool(raw["auto_map"])
+
+
+def code_note(path: Path, raw: dict, trusted: bool) -> str:
+    """What runs for a folder that ships its own code, for the log and the model picker ("" if none)."""
+    if not ships_code(raw):
+        return ""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if trusted:
+        return (f"{path.name} ships its own code and you allowed it to run: MoE Chat runs the folder's Python "
+                "files with your permissions")
+    if raw.get("model_type") not in CONFIG_MAPPING:
+        return (f"{path.name} ships its own code and MoE Chat has no built-in implementation of "
+                f"{raw.get('model_type')!r}: it runs only with remote code enabled; enable it only if you trust it")
+    return (f"{path.name} ships its own code; MoE Chat runs the built-in implementation of {raw.get('model_type')}; "
+            "enable remote code only if you trust it")
+
+
+def _check_code_files(path: Path, raw: dict) -> None:
+    """The files `auto_map` names are in the folder (never fetched from another repository)."""
+    refs = []
+    for value in raw["auto_map"].values():
+        refs.extend(value if isinstance(value, (list, tuple)) else [value])
+    refs = [r for r in refs if isinstance(r, str)]
+    elsewhere = [r for r in refs if "--" in r]
+    if elsewhere:
+        raise ModelError(f"{path / 'config.json'}: auto_map points at code in another repository ({elsewhere[0]}); "
+                         "MoE Chat never downloads code: copy those files into the folder first")
+    missing = sorted({r.split(".")[0] + ".py" for r in refs} - {p.name for p in path.glob("*.py")})
+    if missing:
+        raise ModelError(f"{path} is missing {', '.join(missing)}, the code its config.json's auto_map names; "
+                         "the download is incomplete, copy the whole folder again")
+
+
 def _make_config(path: Path, raw: dict, trust_remote_code: bool):
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     model_type = raw.get("model_type")
     if model_type not in CONFIG_MAPPING:
-        if raw.get("auto_map") and not trust_remote_code:
+        if ships_code(raw) and not trust_remote_code:
             raise ModelError(
-                f"{path.name} needs its own Python code to run (trust_remote_code). MoE Chat never runs "
-                "model-supplied code unless you opt in (--trust-remote-code), and only for folders you trust"
+                f"{path.name} needs its own Python code to run ({model_type!r} is not built in; trust_remote_code). "
+                "MoE Chat never runs model-supplied code unless you opt in (--trust-remote-code, or \"Run this "
+                "folder's own code\" in the model picker), and only for folders you trust"
             )
-        if not raw.get("auto_map"):
+        if not ships_code(raw):
             import transformers
 
             raise ModelError(
                 f"unknown architecture {model_type!r} in {path / 'config.json'}: transformers "
                 f"{transformers.__version__} does not know it (update transformers, or pick another model)"
             )
+    if ships_code(raw) and trust_remote_code:
+        _check_code_files(path, raw)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     except Exception as e:
-        raise ModelError(f"{path / 'config.json'} could not be read: {e}") from None
+        raise ModelError(f"{path / 'config.json'} could not be read: {_without_hub_links(str(e))}") from None
+
+
+def _trusted(path: Path, trust_remote_code: bool | None) -> bool:
+    """An explicit choice wins; None means the user's saved choice for this folder (off unless they opted in)."""
+    if trust_remote_code is not None:
+        return bool(trust_remote_code)
+    from .catalog import remote_code_trusted
+
+    return remote_code_trusted(path)
+
+
+def _class_for(config, path: Path, raw: dict, trust_remote_code: bool):
+    """The folder's own causal-LM class when the user opted in to its code; else the built-in one."""
+    ref = raw["auto_map"].get("AutoModelForCausalLM") if ships_code(raw) else None
+    if not (trust_remote_code and ref):
+        return _model_class(config)
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    try:
+        return get_class_from_dynamic_module(ref if isinstance(ref, str) else ref[0], path, local_files_only=True)
+    except Exception as e:
+        raise ModelError(f"{path.name}'s own model code ({ref}) could not be loaded: {type(e).__name__}: "
+                         f"{_without_hub_links(str(e))}") from None
 
 
 def _model_class(config):
@@ -398,16 +471,20 @@ def _check_shapes(meta_model, headers: list[tuple[Path, dict]]) -> None:
 
 
 @_unreadable_named
-def inspect_model(source: str | os.PathLike, *, trust_remote_code: bool = False) -> ModelInfo:
-    """Everything about a model that can be known without loading its weights (fast)."""
+def inspect_model(source: str | os.PathLike, *, trust_remote_code: bool | None = None) -> ModelInfo:
+    """Everything about a model that can be known without loading its weights (fast).
+
+    `trust_remote_code`: run the folder's own Python code (True), never (False), or as the user chose
+    for this folder in the model picker (None; off unless they opted in)."""
     path = resolve_source(source)
     raw = _read_config(path)
+    trust_remote_code = _trusted(path, trust_remote_code)
     config = _make_config(path, raw, trust_remote_code)
     _check_config(path, config)
     files = _weight_files(path)
     headers = [(f, read_safetensors_header(f)) for f in files]
     dtype = _dtype_of(config, [h for _, h in headers])
-    cls = _model_class(config)
+    cls = _class_for(config, path, raw, trust_remote_code)
     try:
         with torch.device("meta"):
             meta = cls._from_config(config, dtype=dtype)
@@ -452,6 +529,9 @@ def inspect_model(source: str | os.PathLike, *, trust_remote_code: bool = False)
         weight_files=[f.name for f in files],
         expert_matrices=_expert_matrices(experts[0]) if experts else [],
         dense_linears=[[m.out_features, m.in_features] for _, _, m in dense_linears(meta)],
+        ships_code=ships_code(raw),
+        runs_own_code=ships_code(raw) and trust_remote_code,
+        code_note=code_note(path, raw, trust_remote_code),
     )
 
 
@@ -672,7 +752,7 @@ def _from_pretrained(cls, path: Path, dtype, experts: bool, trust_remote_code: b
     except MemoryError:
         raise InsufficientMemoryError(f"ran out of memory while loading {path.name}") from None
     except Exception as e:
-        raise ModelError(f"{path.name} could not be loaded: {type(e).__name__}: {e}") from None
+        raise ModelError(f"{path.name} could not be loaded: {type(e).__name__}: {_without_hub_links(str(e))}") from None
     finally:
         cml.tqdm = original
         mu.safe_open = original_open
@@ -762,7 +842,8 @@ def _load_tokenizer(path: Path, trust_remote_code: bool):
     except PermissionError:
         raise  # named by _unreadable_named
     except Exception as e:
-        raise ModelError(f"the tokenizer files in {path} could not be read ({type(e).__name__}: {e})") from None
+        raise ModelError(f"the tokenizer files in {path} could not be read ({type(e).__name__}: "
+                         f"{_without_hub_links(str(e))})") from None
 
 
 def choose_formats(info: ModelInfo, device: str, experts: str, dense: str, check_memory: bool = True) -> tuple[str, str]:
@@ -825,7 +906,7 @@ def load_model(
     threads: int | None = None,
     force_slots: bool = False,
     profile: str | os.PathLike | None = "auto",
-    trust_remote_code: bool = False,
+    trust_remote_code: bool | None = None,
     check_memory: bool = True,
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
@@ -842,6 +923,9 @@ def load_model(
     report = progress or (lambda f, m: None)
     report(0.0, "checking files")
     info = inspect_model(source, trust_remote_code=trust_remote_code)
+    trust_remote_code = _trusted(Path(info.path), trust_remote_code)
+    if info.code_note:
+        log.warning("%s", info.code_note)
     dev = pick_device(device)
     experts, dense = choose_formats(info, dev.type, experts, dense, check_memory)
     if check_memory:
@@ -850,7 +934,7 @@ def load_model(
     path = Path(info.path)
     raw = _read_config(path)
     config = _make_config(path, raw, trust_remote_code)
-    cls = _model_class(config)
+    cls = _class_for(config, path, raw, trust_remote_code)
     dtype = getattr(torch, info.dtype)
     report(0.1, "reading weights")
     saved = quantized_copy.load(path, info.weight_files, experts) if experts != "source" else None

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import engine.model.catalog as catalog
+import engine.model.loader as loader
 from engine import ModelError, inspect_model, load_model
 from engine.model.catalog import list_models
 from engine.tools.cli import main
@@ -101,7 +101,7 @@ def test_catalog_lists_bad_configs_as_not_loadable(model_copy, tmp_path):
 
 
 def test_catalog_survives_an_unexpected_failure(model_copy, tmp_path, monkeypatch):
-    real = catalog.inspect_model
+    real = loader.inspect_model
     odd = tmp_path / "odd"
     odd.mkdir()
 
@@ -110,7 +110,7 @@ def test_catalog_survives_an_unexpected_failure(model_copy, tmp_path, monkeypatc
             raise RuntimeError("something no check foresaw")
         return real(source, **kwargs)
 
-    monkeypatch.setattr(catalog, "inspect_model", inspect)
+    monkeypatch.setattr(loader, "inspect_model", inspect)
     entries = {e["source"]: e for e in list_models([str(model_copy), str(odd)])}
     assert entries[str(model_copy)]["error"] is None
     assert "something no check foresaw" in entries[str(odd)]["error"] and str(odd) in entries[str(odd)]["error"]
