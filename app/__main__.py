@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import logging
 import os
 import sys
 import tempfile
+from pathlib import Path
+from typing import TextIO
 
 # before numpy loads (torch, pyqtgraph), as engine/__init__.py explains
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+LOG_MAX_BYTES = 1 << 20  # a longer log is renamed to moe-chat.log.1 at start
+_log_stream: TextIO | None = None  # stays open: faulthandler writes to its file descriptor on a crash
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -21,6 +28,71 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--screenshot", help="with --self-test: save a PNG of the whole window here")
     p.add_argument("--timeout", type=float, default=300.0, help="with --self-test: give up after this many seconds")
     return p.parse_args(argv)
+
+
+def start_log(path: Path) -> Path | None:
+    """Log warnings to `path` and make a crash (SIGSEGV, SIGABRT) leave every thread's stack there.
+
+    Returns the log's path, or None when it cannot be written (read-only data folder): then the stack
+    goes to stderr, as Python's -X faulthandler would.
+    """
+    global _log_stream
+    try:
+        if path.is_file() and path.stat().st_size > LOG_MAX_BYTES:
+            path.replace(path.with_name(path.name + ".1"))
+        stream = open(path, "a", encoding="utf-8", buffering=1)
+    except OSError:
+        if sys.stderr is not None:  # None in a windowed bundle on Windows
+            try:
+                faulthandler.enable(all_threads=True)
+            except (OSError, ValueError, AttributeError):
+                pass  # a stderr without a file descriptor
+        return None
+    if _log_stream is not None:
+        _log_stream.close()
+    _log_stream = stream
+    faulthandler.enable(file=stream, all_threads=True)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)  # warnings from everything (the root's default level)
+    for name in ("app", "engine"):  # and what MoE Chat itself says
+        logging.getLogger(name).setLevel(logging.INFO)
+    logging.getLogger("app").info("MoE Chat started (process %d)", os.getpid())
+    return path
+
+
+def check_platform_libraries() -> str:
+    """'' when Qt can open its window; else what to install, instead of Qt's SIGABRT at QApplication()."""
+    from app import pyside_guard
+
+    if not pyside_guard.uses_xcb(dict(os.environ)):
+        return ""
+    missing = pyside_guard.missing_xcb_libraries()
+    return pyside_guard.xcb_help(missing) if missing else ""
+
+
+def show_store_notice(window, store) -> None:
+    """Tell the user what happened to the history (recovered, or in memory only): a dialog and a status bar note."""
+    if not store.notice:
+        return
+    from PySide6.QtWidgets import QLabel, QMessageBox
+
+    note = QLabel("⚠ History in memory: nothing will be saved" if store.in_memory else "⚠ Chat history was recovered")
+    note.setObjectName("storeNotice")
+    note.setToolTip(store.notice)
+    window.statusBar().addPermanentWidget(note)
+    box = QMessageBox(QMessageBox.Icon.Warning, "Chat history", store.notice, QMessageBox.StandardButton.Ok, window)
+    box.setObjectName("storeNoticeBox")
+    box.open()  # window-modal, does not block start-up
+
+
+def bring_to_front(window) -> None:
+    """What a second launch asks for: the running window, shown and on top."""
+    if window.isMinimized():
+        window.showNormal()
+    window.show()
+    window.raise_()
+    window.activateWindow()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     ):
         os.environ["QT_QPA_PLATFORM"] = "offscreen"  # CI and bundle checks run without a display
 
+    problem = check_platform_libraries()
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
+
+    from app.paths import data_dir, database_path, log_file
+
+    start_log(log_file())
+
     from PySide6.QtWidgets import QApplication
 
     from app import APP_ID, APP_NAME, theme
@@ -50,18 +131,32 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     theme.apply(app, args.theme or settings.value(Key.THEME))
 
+    guard = store = None
     try:
         if args.self_test:
             from app.self_test import run_self_test
 
             return run_self_test(settings, model=args.model, screenshot=args.screenshot, timeout_s=args.timeout)
+        from app.conversation_store import ConversationStore
         from app.main_window import MainWindow
+        from app.single_instance import SingleInstance
 
-        window = MainWindow(settings, model=args.model)
+        guard = SingleInstance(data_dir())
+        if not guard.acquire():
+            print(guard.message)
+            return 0
+        store = ConversationStore(database_path())
+        window = MainWindow(settings, store=store, model=args.model)
         app.aboutToQuit.connect(window.close)  # however the app ends, the engine thread is joined
+        guard.raise_requested.connect(lambda: bring_to_front(window))
         window.show()
+        show_store_notice(window, store)
         return app.exec()
     finally:
+        if store is not None:
+            store.close()
+        if guard is not None:
+            guard.release()
         if temp is not None:
             temp.cleanup()
 

@@ -176,6 +176,8 @@ def run_self_test(settings: Settings, model: str | None = None, screenshot: str 
     finally:
         app.setQuitOnLastWindowClosed(quit_on_close)
     report = test.report or {"ok": False, "reason": "the event loop ended before the test finished"}
+    if window.store.notice:  # a damaged or unwritable history: the window ran on, the report says so
+        report["history_notice"] = window.store.notice
     print(json.dumps(report), flush=True)
     if not report.get("ok"):
         print(f"self-test failed: {report.get('reason')}", file=sys.stderr)

@@ -1,0 +1,54 @@
+"""Load, fail, load again, many times: the hunt for a rare SIGSEGV in libshiboken6 (issue 15).
+
+A crash was seen once while loading a model right after a load had failed, and once inside
+`QListWidget.clear()`. This loop drives the same paths through the real window and engine: a good
+load, a broken folder, the model picker opened and closed (its table is refilled), a new chat (the
+sidebar's list is cleared), then the good model again. The normal suite runs a few rounds; for the
+hunt run many under the debug allocator, which turns a use-after-free into a crash sooner:
+
+    MOE_CHAT_LOAD_LOOP=200 PYTHONMALLOC=debug QT_QPA_PLATFORM=offscreen \\
+        python -X faulthandler -m pytest -q tests/app/test_app_startup_load_loop.py
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+from PySide6.QtCore import QCoreApplication, QEvent
+
+ROUNDS = int(os.environ.get("MOE_CHAT_LOAD_LOOP", "5"))
+TIMEOUT_MS = 60_000
+
+
+def _flush_deletes() -> None:
+    """Run pending deleteLater()s now, so a dangling wrapper would be touched inside this round."""
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    gc.collect()
+
+
+def test_load_fail_load_loop(qtbot, make_window, tiny_model, tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{ not json", encoding="utf-8")
+    window = make_window()
+    client = window.client
+    for round_no in range(ROUNDS):
+        with qtbot.waitSignal(client.load_failed, timeout=TIMEOUT_MS) as failed:
+            window.load_model(str(broken))
+        assert "config.json" in failed.args[1], f"round {round_no}: {failed.args[1]}"
+        assert client.model_info is not None  # the good model keeps running
+
+        picker = window.open_model_picker()
+        with qtbot.waitSignal(client.models_listed, timeout=TIMEOUT_MS):
+            picker.refresh()
+        picker.reject()
+        _flush_deletes()
+        assert window.picker is None
+
+        window.new_conversation()
+        with qtbot.waitSignal(client.model_loaded, timeout=TIMEOUT_MS) as loaded:
+            window.load_model(str(tiny_model))
+        assert loaded.args[1]["path"] == str(tiny_model)
+        _flush_deletes()
+    assert window.client.model_info is not None and window.isVisible()
