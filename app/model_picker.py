@@ -9,11 +9,13 @@ from __future__ import annotations
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QAbstractItemView,
+    QCheckBox,
     QDialog,
     QFileDialog,
     QHBoxLayout,
     QHeaderView,
     QLabel,
+    QMessageBox,
     QProgressBar,
     QPushButton,
     QTableWidget,
@@ -30,6 +32,8 @@ COLUMNS = ("Model", "Source", "Architecture", "Parameters", "Experts × layers",
            "Fits RAM", "Budget caches")
 FITS_COLUMN = COLUMNS.index("Fits RAM")
 DEFAULT_BUDGET_SHARE = 0.25
+REMOTE_CODE_WARNING = ("⚠ Only for a folder from a source you trust: its .py files run with your permissions and "
+                       "can read, change or send anything your user account can. Off unless you tick it, per folder.")
 
 
 def format_count(n: int) -> str:
@@ -37,6 +41,16 @@ def format_count(n: int) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return str(n)
+
+
+def describe_architecture(model: dict) -> str:
+    """The architecture cell; a folder that ships its own code says which code runs."""
+    if model.get("error"):
+        return "cannot be loaded"
+    arch = model.get("architecture") or model.get("model_type") or "?"
+    if not model.get("ships_code"):
+        return arch
+    return f"{arch} · its own code" if model.get("trust_remote_code") else f"{arch} · built-in code"
 
 
 def describe_cached(model: dict, budget_bytes: int) -> str:
@@ -87,6 +101,18 @@ class ModelPickerDialog(QDialog):
         self.error_label.setWordWrap(True)
         self.error_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.error_label.setVisible(False)
+        self.note_label = QLabel()
+        self.note_label.setObjectName("cardNote")
+        self.note_label.setWordWrap(True)
+        self.note_label.setVisible(False)
+        self.remote_code_box = QCheckBox("Run this folder's own Python code (remote code)")
+        self.remote_code_box.setToolTip(REMOTE_CODE_WARNING)
+        self.remote_code_box.setVisible(False)
+        self.remote_code_box.clicked.connect(self._on_remote_code_clicked)
+        self.remote_code_warning = QLabel(REMOTE_CODE_WARNING)
+        self.remote_code_warning.setObjectName("dialogError")
+        self.remote_code_warning.setWordWrap(True)
+        self.remote_code_warning.setVisible(False)
         self.status_label = QLabel("Looking for models…")
         self.status_label.setObjectName("cardNote")
         self.progress = QProgressBar()
@@ -121,6 +147,9 @@ class ModelPickerDialog(QDialog):
         layout.addWidget(intro)
         layout.addWidget(self.table, 1)
         layout.addWidget(self.error_label)
+        layout.addWidget(self.note_label)
+        layout.addWidget(self.remote_code_box)
+        layout.addWidget(self.remote_code_warning)
         layout.addWidget(self.status_label)
         layout.addWidget(self.progress)
         layout.addLayout(buttons)
@@ -161,7 +190,7 @@ class ModelPickerDialog(QDialog):
             cells = (
                 m.get("name") or m.get("source", "?"),
                 ORIGINS.get(m.get("origin", ""), m.get("origin", "")),
-                "" if bad else (m.get("architecture") or m.get("model_type") or "?"),
+                describe_architecture(m),
                 "" if bad else format_count(int(m.get("total_params") or 0)),
                 "" if bad else (f"{m.get('num_experts', 0)} × {moe}" if moe else "dense"),
                 "" if bad else str(m.get("top_k") or "–"),
@@ -172,6 +201,8 @@ class ModelPickerDialog(QDialog):
             for col, text in enumerate(cells):
                 item = QTableWidgetItem(str(text))
                 tip = m.get("error") or m.get("path") or m.get("source", "")
+                if m.get("code_note"):
+                    tip = f"{tip}\n{m['code_note']}"
                 if col == FITS_COLUMN and not bad and m.get("formats"):
                     tip = "RAM needed with experts held as\n" + "\n".join(
                         f"  {f}: {format_bytes(int(v['ram_needed_bytes']))}" + ("" if v["fits_ram"] else " (does not fit)")
@@ -217,6 +248,43 @@ class ModelPickerDialog(QDialog):
             self.show_error(m["error"])
         elif not loading:
             self.error_label.setVisible(False)
+        note = (m or {}).get("code_note") or ""
+        self.note_label.setText(note)
+        self.note_label.setVisible(bool(note))
+        ships = bool(m and m.get("ships_code"))
+        self.remote_code_box.setVisible(ships)
+        self.remote_code_box.setEnabled(ships and not loading)
+        self.remote_code_box.setChecked(bool(ships and m.get("trust_remote_code")))
+        self.remote_code_warning.setVisible(ships)
+
+    # the per-folder opt-in to the folder's own code ---------------------------------------------
+    def confirm_remote_code(self, model: dict) -> bool:
+        """A second, explicit yes before a folder's code may run (tests answer it without a dialog)."""
+        answer = QMessageBox.warning(
+            self, "Run this folder's own code?",
+            f"{model.get('name') or model.get('path')} ships Python files that would run inside MoE Chat.\n\n"
+            f"{REMOTE_CODE_WARNING}\n\nRun its code?",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No)
+        return answer == QMessageBox.StandardButton.Yes
+
+    def _on_remote_code_clicked(self, checked: bool) -> None:
+        m = self.selected_model()
+        if m is None or not m.get("ships_code"):
+            return
+        if checked and not self.confirm_remote_code(m):
+            self.remote_code_box.setChecked(False)
+            return
+        from engine.errors import EngineError
+        from engine.model.catalog import set_remote_code_trusted
+
+        try:
+            set_remote_code_trusted(m["path"], checked)
+        except EngineError as e:
+            self.remote_code_box.setChecked(not checked)
+            self.show_error(str(e))
+            return
+        self._select_source = m["source"]
+        self.refresh()  # what runs changes what the folder is: list it again
 
     # loading -------------------------------------------------------------------------------
     def show_error(self, message: str) -> None:
@@ -239,7 +307,7 @@ class ModelPickerDialog(QDialog):
         self.cancel_button.setVisible(True)
         self.cancel_button.setEnabled(True)
         self.status_label.setText(f"Loading {m.get('name', m['source'])}…")
-        for b in (self.load_button, self.browse_button, self.refresh_button):
+        for b in (self.load_button, self.browse_button, self.refresh_button, self.remote_code_box):
             b.setEnabled(False)
 
     def cancel_load(self) -> None:

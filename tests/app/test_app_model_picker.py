@@ -103,3 +103,73 @@ def test_cancel_loading_in_the_dialog(qtbot, window, tiny_model_factory):
     assert picker.load_button.isEnabled()
     assert window.client.model_info["source"] == before
     picker.reject()
+
+
+def _copy_with_config(src, dst, **changes):
+    import json
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_bad_config_is_listed_with_its_reason_not_as_a_dense_model(qtbot, window, tmp_path):
+    before = window.client.model_info["source"]
+    bad = _copy_with_config(window.client.model_info["path"], tmp_path / "negative_layers", num_hidden_layers=-1)
+    picker = open_picker(qtbot, window)
+    row = add_folder(qtbot, picker, bad)
+    assert row is not None and "num_hidden_layers is -1" in row["error"]
+    r = picker.table.currentRow()
+    cells = [picker.table.item(r, c).text() for c in range(picker.table.columnCount())]
+    assert cells[0].startswith("⚠") and cells[2] == "cannot be loaded" and "dense" not in cells
+    assert picker.error_label.isVisible() and "num_hidden_layers is -1" in picker.error_label.text()
+    picker.load_selected()
+    assert picker.load_id is None and "current model keeps running" in picker.error_label.text()
+    picker.reject()
+    assert window.client.model_info["source"] == before
+
+
+def test_remote_code_opt_in_is_per_folder_off_by_default_and_asks_first(qtbot, window, tmp_path, monkeypatch):
+    from engine.model import catalog
+
+    folder = _copy_with_config(window.client.model_info["path"], tmp_path / "ships_code_picker",
+                               auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                                         "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    (folder / "configuration_custom.py").write_text(
+        "from transformers import Qwen3MoeConfig\n\n\nclass CustomConfig(Qwen3MoeConfig):\n    pass\n")
+    (folder / "modeling_custom.py").write_text(
+        "from transformers import Qwen3MoeForCausalLM\nfrom .configuration_custom import CustomConfig\n\n\n"
+        "class CustomForCausalLM(Qwen3MoeForCausalLM):\n    config_class = CustomConfig\n")
+    picker = open_picker(qtbot, window)
+    row = add_folder(qtbot, picker, folder)
+    assert row is not None and not row["error"] and row["ships_code"] and not row["trust_remote_code"]
+    assert picker.note_label.isVisible() and "runs the built-in implementation of qwen3_moe" in picker.note_label.text()
+    assert "enable remote code only if you trust it" in picker.note_label.text()
+    assert picker.remote_code_box.isVisible() and not picker.remote_code_box.isChecked()
+    assert picker.remote_code_warning.isVisible() and "trust" in picker.remote_code_warning.text()
+    r = picker.table.currentRow()
+    assert picker.table.item(r, 2).text().endswith("built-in code")
+
+    monkeypatch.setattr(picker, "confirm_remote_code", lambda m: False)  # the user says no
+    picker.remote_code_box.click()
+    assert not picker.remote_code_box.isChecked() and not catalog.remote_code_trusted(folder)
+
+    monkeypatch.setattr(picker, "confirm_remote_code", lambda m: True)
+    with qtbot.waitSignal(picker.client.models_listed, timeout=30_000):
+        picker.remote_code_box.click()
+    assert catalog.remote_code_trusted(folder)
+    row = picker.selected_model()
+    assert row["trust_remote_code"] and picker.remote_code_box.isChecked()
+    assert "you allowed it to run" in picker.note_label.text()
+    assert picker.table.item(picker.table.currentRow(), 2).text().endswith("its own code")
+    with qtbot.waitSignal(window.client.model_loaded, timeout=60_000) as loaded:
+        picker.load_selected()
+    assert loaded.args[1]["runs_own_code"] is True
+    # a plain folder shows no opt-in at all
+    again = open_picker(qtbot, window)
+    plain = next(m for m in again.models if not m.get("ships_code"))
+    again.table.selectRow(again.models.index(plain))
+    assert not again.remote_code_box.isVisible() and not again.note_label.isVisible()
+    again.reject()
