@@ -89,3 +89,31 @@ def test_a_real_machine_without_the_libraries_gets_the_message_not_sigabrt(tmp_p
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
     assert "sudo apt install" in result.stderr and "could not load the Qt platform plugin" not in result.stderr
+
+
+def _setup_section() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return text.split("## Set up on a fresh machine", 1)[1].split("\n## ", 1)[0]
+
+
+def _packages_after(text: str, command: str) -> list[str]:
+    """The words after `command` inside the backticks that start with it (the README wraps lines)."""
+    flat = " ".join(text.split())
+    return flat.split(f"`{command} ", 1)[1].split("`", 1)[0].split()
+
+
+def test_the_readme_names_real_packages_and_keeps_two_set_up_commands():
+    section = _setup_section()
+    commands = [line for line in section.splitlines() if line.startswith("    ") and line.strip()]
+    assert len(commands) == 2, commands
+    for family, command in enumerate(("apt install", "dnf install", "pacman -S")):
+        listed = _packages_after(section, command)
+        known = {row[family] for row in pyside_guard.XCB_LIBRARIES.values()}
+        assert listed and set(listed) <= known, (command, set(listed) - known)
+
+
+def test_ci_installs_the_readme_packages():
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    xcb = ci.split('QT_XCB_PACKAGES="', 1)[1].split('"', 1)[0].split()
+    offscreen = ci.split('QT_OFFSCREEN_PACKAGES="', 1)[1].split('"', 1)[0].split()
+    assert set(_packages_after(_setup_section(), "apt install")) <= set(xcb) | set(offscreen)
