@@ -28,6 +28,7 @@ from PySide6.QtCore import QObject, Qt, QThread, QTimer, Signal, Slot
 # folder and one way to write sizes for the app and the engine alike.
 from engine.paths import DATA_DIR_ENV, user_data_dir  # noqa: F401 - re-exported for app.paths
 from engine.units import format_bytes  # noqa: F401 - re-exported for the panels
+from engine.model.remote_session import parse_remote_source, remote_source  # noqa: F401 - for the window
 
 # The engine (torch, transformers) is imported on the worker thread when it starts, so the window
 # appears at once and the GUI thread never pays for, or blocks on, that import.
@@ -88,6 +89,7 @@ class EngineWorker(QObject):
     models_listed = Signal(object)             # list of dicts
     error = Signal(str)
     server_changed = Signal(object)            # {"url": str | None, "error": str | None}
+    remote_models_listed = Signal(str, object, str)  # base URL, model ids, error ("" when none)
     _job_arrived = Signal(object)              # a request of the local server, from its HTTP thread
 
     def __init__(self) -> None:
@@ -221,6 +223,38 @@ class EngineWorker(QObject):
             self._emit_stats()
             self._schedule_job()
 
+    @Slot(int, str, str, str)
+    def load_remote(self, load_id: int, base_url: str, model: str, api_key: str) -> None:
+        """Chat with a model on an OpenAI-compatible server instead of a local one."""
+        self._finish_generation(cancelled=True)
+        self._set_state("loading")
+        try:
+            from engine.model.remote_session import RemoteSession, connect_remote
+
+            self.load_progress.emit(load_id, 0.5, f"connecting to {base_url}")
+            remote = connect_remote(base_url, model, api_key or None)
+            self._release()
+            self._loaded = remote
+            self._session = RemoteSession(remote)
+            self.model_loaded.emit(load_id, self._describe(remote_source(remote.info.base_url, model)))
+        except BaseException as exc:  # noqa: BLE001 - the current model keeps running
+            if not _is_engine_error(exc):
+                traceback.print_exc()
+            self.load_failed.emit(load_id, _user_message(exc, f"Connecting to {base_url}"), False)
+        finally:
+            self._set_state("idle")
+            self._emit_stats()
+            self._schedule_job()
+
+    @Slot(str, str)
+    def list_remote_models(self, base_url: str, api_key: str) -> None:
+        try:
+            from engine.model.remote_session import list_remote_models
+
+            self.remote_models_listed.emit(base_url, list_remote_models(base_url, api_key or None), "")
+        except BaseException as exc:  # noqa: BLE001
+            self.remote_models_listed.emit(base_url, [], _user_message(exc, f"Asking {base_url} for its models"))
+
     def _load_with_budget(self, load_id: int, source: str, budget: object, policy: str, event) -> Any:
         def progress(fraction: float, message: str) -> None:
             now = time.monotonic()
@@ -242,7 +276,8 @@ class EngineWorker(QObject):
         info = self._loaded.info.to_dict()
         info["source"] = source
         info["policies"] = dict(_engine["policies"])
-        info["has_tokenizer"] = self._loaded.tokenizer is not None and info.get("has_tokenizer", True)
+        remote = getattr(self._loaded, "remote", False)
+        info["has_tokenizer"] = remote or (self._loaded.tokenizer is not None and info.get("has_tokenizer", True))
         info["experts"], info["dense"] = self._loaded.experts, self._loaded.dense
         rt = self._loaded.runtime
         info["has_runtime"] = rt is not None
@@ -274,7 +309,7 @@ class EngineWorker(QObject):
         if self._session is None:
             self.reply_finished.emit(request_id, {"finish_reason": "error", "error": "No model is loaded."})
             return
-        if self._loaded.tokenizer is None:
+        if self._loaded.tokenizer is None and not getattr(self._loaded, "remote", False):
             self.reply_finished.emit(request_id, {
                 "finish_reason": "error",
                 "error": "This model folder has no tokenizer, so it cannot chat. Add tokenizer files or pick another model.",
@@ -344,7 +379,8 @@ class EngineWorker(QObject):
         self._schedule_job()
 
     def _fail_generation(self, exc: BaseException) -> None:
-        traceback.print_exc()
+        if not _is_engine_error(exc):
+            traceback.print_exc()
         self._gen = None
         self._step_timer.stop()
         message = _user_message(exc, "Generating a reply")
@@ -514,6 +550,10 @@ class EngineWorker(QObject):
         snap.setdefault("peak_rss_bytes", rss)
         snap["has_runtime"] = rt is not None
         snap["model_loaded"] = self._loaded is not None
+        if getattr(self._loaded, "remote", False):  # the server's numbers are not ours to see, but its speed is
+            snap["remote"] = self._loaded.info.base_url
+            if self._gen is not None:
+                snap["decode_tokens_per_s"] = self._session.last_stats.get("decode_tokens_per_s", 0.0)
         snap["state"] = self._state
         snap["reply_tokens"] = self._tokens
         snap["time"] = now
@@ -541,6 +581,7 @@ class EngineClient(QObject):
     models_listed = Signal(object)
     error = Signal(str)
     server_changed = Signal(object)
+    remote_models_listed = Signal(str, object, str)
 
     _req_start = Signal()
     _req_teardown = Signal()
@@ -551,6 +592,8 @@ class EngineClient(QObject):
     _req_list = Signal(object)
     _req_server_start = Signal(str, int, str)
     _req_server_stop = Signal()
+    _req_remote = Signal(int, str, str, str)
+    _req_remote_list = Signal(str, str)
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -566,13 +609,14 @@ class EngineClient(QObject):
             "generate": self.worker.generate, "budget": self.worker.set_budget,
             "policy": self.worker.set_policy, "list": self.worker.list_models,
             "server_start": self.worker.start_server, "server_stop": self.worker.stop_server,
+            "remote": self.worker.load_remote, "remote_list": self.worker.list_remote_models,
         }
         for name, slot in slots.items():
             getattr(self, f"_req_{name}").connect(slot, Q)
         for name in (
             "state_changed", "load_progress", "model_loaded", "load_failed", "model_unloaded", "token",
             "reply_finished", "stats", "budget_applied", "budget_refused", "policy_applied",
-            "models_listed", "error", "server_changed",
+            "models_listed", "error", "server_changed", "remote_models_listed",
         ):
             getattr(self.worker, name).connect(getattr(self, name), Q)
         self.model_loaded.connect(self._remember_model)
@@ -631,6 +675,15 @@ class EngineClient(QObject):
 
     def stop_server(self) -> None:
         self._req_server_stop.emit()
+
+    def load_remote(self, base_url: str, model: str, api_key: str = "") -> int:
+        """Chat with `model` on an OpenAI-compatible server; answered like `load` (model_loaded/load_failed)."""
+        self.worker.issued_load += 1
+        self._req_remote.emit(self.worker.issued_load, base_url, model, api_key)
+        return self.worker.issued_load
+
+    def list_remote_models(self, base_url: str, api_key: str = "") -> None:
+        self._req_remote_list.emit(base_url, api_key)
 
     def shutdown(self, timeout_ms: int = 2000) -> bool:
         """Stop everything and join the worker thread; True when it ended in time."""

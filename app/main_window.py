@@ -35,6 +35,7 @@ from app.engine_worker import EngineClient, format_bytes
 from app.model_picker import ModelPickerDialog
 from app.panels import PanelStack
 from app.paths import database_path
+from app.remote_dialog import RemoteDialog, load_key, parse_remote_source
 from app.settings import Key, Settings
 from app.settings_dialog import SettingsDialog
 
@@ -181,6 +182,7 @@ class MainWindow(QMainWindow):
         file = menu.addMenu("&File")
         file.addAction("New chat", QKeySequence.StandardKey.New, self.new_conversation)
         file.addAction("Open model…", QKeySequence("Ctrl+O"), self.open_model_picker)
+        file.addAction("Connect to a server…", self.open_remote_dialog)
         file.addSeparator()
         file.addAction("Export chat as Markdown…", QKeySequence("Ctrl+Shift+E"),
                        lambda: self.export_conversation(self.conversation_id, "md"))
@@ -456,6 +458,9 @@ class MainWindow(QMainWindow):
     # -- model -----------------------------------------------------------------------------------
     def load_model(self, source: str | None) -> int:
         """Load a model on the worker ('' = the embedded demo model); the window stays usable."""
+        remote = parse_remote_source(source or "")
+        if remote is not None:
+            return self.connect_remote(*remote, load_key(self.settings, remote[0]))
         budget = self.settings.value(Key.BUDGET_BYTES)
         self._main_load_id = self.client.load(source or "", budget, self.settings.value(Key.POLICY))
         name = Path(source).name if source else "demo model"
@@ -463,6 +468,24 @@ class MainWindow(QMainWindow):
         self.load_bar.setValue(0)
         self.load_bar.setVisible(True)
         return self._main_load_id
+
+    def connect_remote(self, base_url: str, model: str, api_key: str = "") -> int:
+        """Chat with a model on an OpenAI-compatible server; answered like a local load."""
+        self._main_load_id = self.client.load_remote(base_url, model, api_key)
+        self.status_label.setText(f"Connecting to {base_url}…")
+        return self._main_load_id
+
+    def open_remote_dialog(self) -> RemoteDialog:
+        dialog = RemoteDialog(self.client, self.settings, self)
+        dialog.connect_requested.connect(self.connect_remote)
+        dialog.finished.connect(lambda _r: self._remote_dialog_closed(dialog))
+        dialog.open()
+        return dialog
+
+    def _remote_dialog_closed(self, dialog: RemoteDialog) -> None:
+        if getattr(dialog, "warning", ""):
+            self.chat_view.show_banner(dialog.warning)
+        dialog.deleteLater()
 
     def open_model_picker(self) -> ModelPickerDialog:
         """Open the model picker (window-modal, non-blocking); returns it so tests can drive it."""
@@ -506,7 +529,9 @@ class MainWindow(QMainWindow):
             f"{info.get('architecture', '')} · {info.get('num_experts', 0)} experts × "
             f"{info.get('num_moe_layers', 0)} MoE layers, top-{info.get('top_k', 0)}\n{info.get('path', '')}"
         )
-        if info.get("has_runtime"):
+        if info.get("remote"):
+            self.device_label.setText(f"remote · {info.get('base_url', '')}")
+        elif info.get("has_runtime"):
             where = "CPU · simulated GPU cache" if info.get("simulated_cache") else f"{info.get('device', '').upper()} cache"
             held = info.get("experts", "source")
             self.device_label.setText(where if held == "source" else f"{where} · {held} experts")

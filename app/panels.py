@@ -166,10 +166,13 @@ class HitRatePanel(Card):
     def update_stats(self, snap: dict) -> None:
         self.updates += 1
         if not snap.get("has_runtime"):
-            self.summary.setText(
-                "No expert cache: load a Mixture-of-Experts model to see hit rates."
-                if snap.get("model_loaded") else "Waiting for the model…"
-            )
+            if snap.get("remote"):
+                text = f"The expert cache is on the server ({snap['remote']}); its hit rates are not visible here."
+            elif snap.get("model_loaded"):
+                text = "No expert cache: load a Mixture-of-Experts model to see hit rates."
+            else:
+                text = "Waiting for the model…"
+            self.summary.setText(text)
             self.set_badge("")
             return
         counts = _layer_lookups(snap)
@@ -344,6 +347,8 @@ class MemoryPanel(_TimeCard):
                 f" budget · {device} holds {format_bytes(capacity)} · RAM {rss}"
             )
             self.set_badge("simulated" if snap.get("simulated_cache") else "")
+        elif snap.get("remote"):
+            self.summary.setText(f"The model and its cache are on the server · this app uses RAM {rss}")
         else:
             self.summary.setText(f"Process RAM {rss}")
         if self.isVisible():
@@ -401,7 +406,7 @@ class ThroughputPanel(_TimeCard):
     def update_stats(self, snap: dict) -> None:
         self.updates += 1
         now = float(snap.get("time", time.monotonic()))
-        busy = snap.get("state") == "generating"
+        busy = snap.get("state") in ("generating", "serving")
         counts = _layer_lookups(snap)
         per = snap.get("per_layer") or []
         if counts is not None:
@@ -425,6 +430,9 @@ class ThroughputPanel(_TimeCard):
                 f"{snap.get('prefill_tokens_per_s', 0.0):.0f} tok/s · CPU share "
                 f"{100 * snap.get('cpu_share', 0.0):.0f}% since load"
             )
+        elif snap.get("remote"):
+            self.summary.setText(f"Decode {snap.get('decode_tokens_per_s', 0.0):.1f} tok/s, as received from "
+                                 f"{snap['remote']}")
         if self.isVisible():
             self.redraw(now)
 

@@ -31,6 +31,8 @@ class Key(str, enum.Enum):
     SERVER_ENABLED = "server/enabled"      # the OpenAI-compatible local server, off until asked for
     SERVER_PORT = "server/port"
     SERVER_API_KEY = "server/api_key"      # "" = no key (the server listens on 127.0.0.1 only)
+    REMOTE_SERVERS = "remote/servers"      # [{"url", "model"}], the last used first
+    REMOTE_KEYS = "remote/keys"            # [[url, key]] only where no system keyring is available
 
 
 DEFAULTS: dict[Key, Any] = {
@@ -52,6 +54,8 @@ DEFAULTS: dict[Key, Any] = {
     Key.SERVER_ENABLED: False,
     Key.SERVER_PORT: 8080,
     Key.SERVER_API_KEY: "",
+    Key.REMOTE_SERVERS: [],
+    Key.REMOTE_KEYS: [],
 }
 
 SAMPLING_KEYS = {
