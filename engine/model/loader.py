@@ -27,7 +27,7 @@ import torch
 
 from ..errors import Cancelled, EngineError, InsufficientMemoryError, ModelError
 from . import quantized_copy
-from ..moe.interface import EXPERTS_IMPLEMENTATION, expert_tensor_names, is_experts_module
+from ..moe.interface import EXPERTS_IMPLEMENTATION, expert_tensor_names, is_experts_module, main_experts
 from ..moe.quantize import (FORMATS, check_format, dense_linears, int4_group_size, meta_like, quantize_dense, quantize_experts,
                             quantize_stack, quantized_bytes)
 
@@ -946,7 +946,7 @@ def load_model(
     model.requires_grad_(False)
     if cancel is not None and cancel.is_set():
         raise Cancelled("loading was cancelled")
-    named = {name: m for name, m in model.named_modules() if is_experts_module(m)}
+    named = main_experts({name: m for name, m in model.named_modules() if is_experts_module(m)})
     modules = list(named.values())
     if experts != "source":
         for m in modules:
