@@ -66,6 +66,7 @@ FIXES: dict[str, dict] = {
     "deepseek_ocr2": {"text_config": {"mlp_layer_types": ["dense", "sparse", "sparse"]}},
     "jamba": {"attn_layer_period": 3, "attn_layer_offset": 2},  # else no attention layer among three
     # defaults to all-Mamba; Granite-4 checkpoints mix in attention layers
+    "inkling_mm_model": {"vision_config": {"patch_size": 2}},  # few patch scales: no scipy assignment
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention", "linear_attention"]},
     # mrope sections the modeling code assumes where the config leaves them out (shrunk with the rotary)
     "glm4v_moe": {"text_config": {"rope_parameters": {"mrope_section": [8, 12, 12]}}},
@@ -78,7 +79,8 @@ FIXES: dict[str, dict] = {
 
 
 def moe_model_types() -> list[str]:
-    """Every model folder of the installed transformers whose modeling code uses the experts decorator."""
+    """The model type of every model folder of the installed transformers whose modeling code uses the
+    experts decorator (a folder's own name, else its top-level config's: `inkling` is `inkling_mm_model`)."""
     import transformers
 
     root = os.path.dirname(transformers.__file__)
@@ -86,8 +88,18 @@ def moe_model_types() -> list[str]:
     for path in glob.glob(os.path.join(root, "models", "*", "modeling_*.py")):
         with open(path, encoding="utf-8") as f:
             if "@use_experts_implementation" in f.read():
-                found.add(Path(path).parent.name)
+                found.update(_folder_model_types(Path(path).parent.name))
     return sorted(found)
+
+
+def _folder_model_types(folder: str) -> list[str]:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING, model_type_to_module_name
+
+    if folder in CONFIG_MAPPING:
+        return [folder]
+    types = [t for t in CONFIG_MAPPING if model_type_to_module_name(t) == folder]
+    subs = {c for t in types for c in (getattr(CONFIG_MAPPING[t], "sub_configs", None) or {}).values()}
+    return [t for t in types if CONFIG_MAPPING[t] not in subs] or [folder]
 
 
 def _per_layer(values: list, layers: int) -> list:
@@ -108,6 +120,10 @@ def _per_layer(values: list, layers: int) -> list:
 def _small(key: str, value, scale: int = 1):
     if isinstance(value, bool) or key not in SIZES:
         return value
+    if isinstance(value, list) and value and all(type(v) is int and v > 0 for v in value):
+        # one size per group (Ernie-4.5-VL's text and vision experts): shrunk together, still different
+        top = SIZES[key] * scale
+        return [max(1, v * top // max(value)) for v in value] if max(value) > top else value
     if value is None:
         return SIZES[key] * scale if key in REQUIRED else None
     return min(value, SIZES[key] * scale) if isinstance(value, int) and value > 0 else value
@@ -228,11 +244,23 @@ def model_class(model_type: str):
     return None
 
 
+def _head_class(model_type: str):
+    """A model with no text head still gets a checkpoint (with its own head), to be refused by name."""
+    import transformers
+    from transformers.models.auto import modeling_auto as ma
+
+    for mapping in sorted(n for n in dir(ma) if n.startswith("MODEL_FOR_") and n.endswith("_MAPPING_NAMES")):
+        name = getattr(ma, mapping).get(model_type)
+        if isinstance(name, str) and hasattr(transformers, name):
+            return getattr(transformers, name)
+    return None
+
+
 def make_zoo_model(out_dir: Path | str, model_type: str, *, seed: int = 0) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = tiny_config(model_type)
-    cls = model_class(model_type)
+    cls = model_class(model_type) or _head_class(model_type)
     torch.manual_seed(seed)
     model = cls._from_config(config, dtype=torch.float32)
     with torch.no_grad():

@@ -39,6 +39,18 @@ def expert_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return quantized if quantized is not None else {n: getattr(module, n) for n in expert_tensor_names(module)}
 
 
+def main_experts(named: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
+    """The experts modules the engine runs: those of the shape most of them share (ties: the larger).
+    Ernie-4.5-VL has smaller vision experts beside the text ones; text never routes to those, so they
+    are left to transformers' own forward instead of refusing the model."""
+    groups: dict[tuple, dict[str, torch.nn.Module]] = {}
+    for name, module in named.items():
+        shape = tuple((n, tuple(t.shape)) for n, t in expert_tensors(module).items())
+        groups.setdefault(shape, {})[name] = module
+    size = lambda shape: sum(torch.Size(s).numel() for _, s in shape)  # noqa: E731
+    return groups[max(groups, key=lambda shape: (len(groups[shape]), size(shape)))] if groups else {}
+
+
 def hybrid_experts_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,
