@@ -458,6 +458,31 @@ def _check_expert_shapes(headers: list[tuple[Path, dict]]) -> None:
             )
 
 
+def _check_expert_layers(meta_model, headers: list[tuple[Path, dict]]) -> None:
+    """Where the model's experts have one shape in every layer, so do the checkpoint's: a layer whose
+    experts were all saved in another shape is named here, before transformers' conversion trips on it."""
+    shapes = {tuple((n, tuple(getattr(m, n).shape)) for n in expert_tensor_names(m))
+              for m in meta_model.modules() if is_experts_module(m)}
+    if len(shapes) != 1:
+        return  # no experts, or layers whose experts differ by design
+    by_name: dict[str, dict[tuple, list[tuple[Path, str]]]] = {}
+    for file, header in headers:
+        for key, t in header.items():
+            m = _EXPERT_KEY.match(key)
+            if m and isinstance(t, dict):
+                by_name.setdefault(m[3], {}).setdefault(tuple(t["shape"]), []).append((file, key))
+    for name, found in by_name.items():
+        if len(found) > 1:
+            expected = max(found, key=lambda s: len(found[s]))
+            odd = min(found, key=lambda s: len(found[s]))
+            file, key = found[odd][0]
+            raise ModelError(
+                f"{file.name}: tensor {key!r} has shape {odd}, but {name} has shape {expected} in the other "
+                "layers and config.json gives every layer the same experts; the file is damaged or mixes two "
+                "models, download it again"
+            )
+
+
 def _check_shapes(meta_model, headers: list[tuple[Path, dict]]) -> None:
     """Tensors whose checkpoint name matches the model's must have the model's shape."""
     expected = {n: tuple(p.shape) for n, p in meta_model.named_parameters()}
@@ -493,6 +518,7 @@ def inspect_model(source: str | os.PathLike, *, trust_remote_code: bool | None =
                          f"({type(e).__name__}: {e}); the file is damaged or was edited by hand") from None
     _check_expert_shapes(headers)
     _check_shapes(meta, headers)
+    _check_expert_layers(meta, headers)
     experts = [m for m in meta.modules() if is_experts_module(m)]
     esize = torch.tensor([], dtype=dtype).element_size()
     total = sum(p.numel() for p in meta.parameters())

@@ -74,15 +74,24 @@ def test_one_expert_tensor_of_the_wrong_shape_is_named(model_copy):
     assert "CONVERSION" not in message
 
 
-def test_a_whole_layer_of_the_wrong_shape_names_tensor_and_shapes(model_copy):
-    """Every expert of a layer alike: no odd one out in the headers, so transformers' conversion fails;
-    its report (hidden by our quiet logging) becomes a message with the tensor and the shapes."""
+def test_a_whole_layer_of_the_wrong_shape_is_named(model_copy):
+    """Every expert of one layer alike (no odd one out within it), unlike the other layers."""
     reshape_experts(model_copy, 1, range(8), (32, 48))
+    message = refused(model_copy, "model.safetensors", "'model.layers.1.mlp.experts.0.gate_proj.weight'",
+                      "(32, 48)", "(32, 64)", "other layers")
+    assert "CONVERSION" not in message
+
+
+def test_every_layer_of_the_wrong_shape_names_tensor_and_shapes(model_copy):
+    """All layers alike, so the headers agree among themselves; transformers' conversion then fails, and
+    its report (hidden by our quiet logging) becomes a message with the tensor and both shapes."""
+    for layer in range(3):
+        reshape_experts(model_copy, layer, range(8), (32, 48))
     with pytest.raises(ModelError) as err:
         load_model(model_copy, device="cpu", profile=None)
     message = str(err.value)
     assert "CONVERSION" not in message and "above report" not in message
-    for words in ("model.layers.1.mlp.experts.gate_up_proj", "(8, 64, 64)", "gate_proj.weight (32, 48)"):
+    for words in ("model.layers.0.mlp.experts.gate_up_proj", "(8, 64, 64)", "gate_proj.weight (32, 48)"):
         assert words in message, message
 
 
