@@ -115,7 +115,10 @@ class _Stream:
         self.events: asyncio.Queue = asyncio.Queue()
 
     def emit(self, kind: str, value) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the server shut down under a running job: nobody is listening
+            pass
 
 
 def create_app(engine: JobBoard, api_key: str | None = None) -> FastAPI:

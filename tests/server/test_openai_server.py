@@ -301,3 +301,12 @@ def test_a_port_in_use_is_a_clear_error(server):
 
     with pytest.raises(EngineError, match="in use"):
         ServerThread(server.engine, port=server.http.port)
+
+
+def test_a_request_that_continues_the_conversation_reuses_the_kv_cache(server):
+    client = server.client()
+    first = client.chat.completions.create(model="demo", messages=QUESTION, max_tokens=24, temperature=0)
+    follow = QUESTION + [{"role": "assistant", "content": first.choices[0].message.content},
+                         {"role": "user", "content": "And 4 plus 4?"}]
+    client.chat.completions.create(model="demo", messages=follow, max_tokens=8, temperature=0)
+    assert server.engine.last_stats["reused_prompt_tokens"] >= first.usage.prompt_tokens
