@@ -31,7 +31,9 @@ def _progress(fraction: float, message: str) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser, runtime: bool = True) -> None:
     p.add_argument("--model", help="model folder or a model id in the local Hugging Face cache (default: the demo model)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model-supplied Python code (only for folders you trust)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model folder's own Python code (config.json's auto_map) instead of "
+                        "the built-in implementation; only for folders you trust. Off unless given, every time "
+                        "(the app's per-folder choice does not apply here)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     if not runtime:
         return
