@@ -16,6 +16,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 LOG_MAX_BYTES = 1 << 20  # a longer log is renamed to moe-chat.log.1 at start
 _log_stream: TextIO | None = None  # stays open: faulthandler writes to its file descriptor on a crash
+_log_handler: logging.Handler | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,29 +37,34 @@ def start_log(path: Path) -> Path | None:
     Returns the log's path, or None when it cannot be written (read-only data folder): then the stack
     goes to stderr, as Python's -X faulthandler would.
     """
-    global _log_stream
+    global _log_stream, _log_handler
     try:
         if path.is_file() and path.stat().st_size > LOG_MAX_BYTES:
             path.replace(path.with_name(path.name + ".1"))
         stream = open(path, "a", encoding="utf-8", buffering=1)
     except OSError:
-        if sys.stderr is not None:  # None in a windowed bundle on Windows
-            try:
-                faulthandler.enable(all_threads=True)
-            except (OSError, ValueError, AttributeError):
-                pass  # a stderr without a file descriptor
+        crash_stacks_to_stderr()
         return None
-    if _log_stream is not None:
+    faulthandler.enable(file=stream, all_threads=True)
+    if _log_handler is not None:  # started again in the same process (tests)
+        logging.getLogger().removeHandler(_log_handler)
         _log_stream.close()
     _log_stream = stream
-    faulthandler.enable(file=stream, all_threads=True)
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)  # warnings from everything (the root's default level)
+    _log_handler = logging.StreamHandler(stream)
+    _log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(_log_handler)  # warnings from everything (the root's default level)
     for name in ("app", "engine"):  # and what MoE Chat itself says
         logging.getLogger(name).setLevel(logging.INFO)
     logging.getLogger("app").info("MoE Chat started (process %d)", os.getpid())
     return path
+
+
+def crash_stacks_to_stderr() -> None:
+    """faulthandler on stderr, where there is one (None in a windowed bundle on Windows)."""
+    try:
+        faulthandler.enable(all_threads=True)
+    except (AttributeError, OSError, RuntimeError, ValueError):
+        pass  # no stderr, or one without a file descriptor
 
 
 def check_platform_libraries() -> str:
@@ -116,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from app.paths import data_dir, database_path, log_file
 
-    start_log(log_file())
+    if temp is not None:  # a self-test's data folder is deleted at exit: its crash stack goes to stderr
+        crash_stacks_to_stderr()
+    else:
+        start_log(log_file())
 
     from PySide6.QtWidgets import QApplication
 
