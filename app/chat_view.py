@@ -36,9 +36,11 @@ def describe_stats(stats: dict) -> str:
     if reason == "cancelled":
         parts.append("stopped")
     elif reason == "length":
-        parts.append("hit the token limit")
+        parts.append("context full" if stats.get("context_full") else "hit the token limit")
     elif reason == "error":
         parts.append("failed")
+    if stats.get("dropped_messages"):
+        parts.append(f"{stats['dropped_messages']} oldest message(s) left out")
     return " · ".join(parts)
 
 

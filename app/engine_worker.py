@@ -279,6 +279,7 @@ class EngineWorker(QObject):
         remote = getattr(self._loaded, "remote", False)
         info["has_tokenizer"] = remote or (self._loaded.tokenizer is not None and info.get("has_tokenizer", True))
         info["experts"], info["dense"] = self._loaded.experts, self._loaded.dense
+        info["context_length"] = int(self._session.context_length)
         rt = self._loaded.runtime
         info["has_runtime"] = rt is not None
         if rt is not None:
@@ -373,6 +374,9 @@ class EngineWorker(QObject):
             stats["finish_reason"] = "cancelled"
         stats.setdefault("finish_reason", "cancelled")
         stats["new_tokens"] = self._tokens
+        context = getattr(self._session, "context_length", 0)
+        if stats.get("finish_reason") == "length" and context:
+            stats["context_full"] = stats.get("prompt_tokens", 0) + self._tokens >= context
         self._set_state("idle")
         self.reply_finished.emit(self._request, stats)
         self._emit_stats()

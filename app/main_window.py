@@ -158,6 +158,9 @@ class MainWindow(QMainWindow):
         self.status_label = QLabel("Starting the engine…")
         self.device_label = QLabel()
         self.ram_label = QLabel()
+        self.context_label = QLabel()
+        self.context_label.setObjectName("contextLabel")
+        self.context_label.setToolTip("Tokens this conversation fills of the model's context")
         self.server_label = QLabel()
         self.server_label.setObjectName("serverLabel")
         self.server_label.setVisible(False)
@@ -169,6 +172,7 @@ class MainWindow(QMainWindow):
         bar = self.statusBar()
         bar.addWidget(self.status_label, 1)
         bar.addPermanentWidget(self.load_bar)
+        bar.addPermanentWidget(self.context_label)
         bar.addPermanentWidget(self.server_label)
         bar.addPermanentWidget(self.device_label)
         bar.addPermanentWidget(self.ram_label)
@@ -288,6 +292,8 @@ class MainWindow(QMainWindow):
         self.chat_view.set_messages(messages)
         if streaming:
             self.chat_view.begin_stream(streaming.message, streaming.text)
+        replies = [m for m in messages if m.role == "assistant" and m.stats]
+        self._show_context(replies[-1].stats if replies else None)
 
     def rename_conversation(self, conversation_id: int, title: str) -> None:
         self.store.rename(conversation_id, title)
@@ -443,6 +449,12 @@ class MainWindow(QMainWindow):
                 self.chat_view.set_messages(self.store.messages(self.conversation_id))
             else:
                 self.chat_view.end_stream(stats)
+        if a.conversation_id == self.conversation_id:
+            self._show_context(stats)
+        if stats.get("dropped_messages"):
+            self.chat_view.show_banner(
+                f"This conversation no longer fits the model's context: its {stats['dropped_messages']} oldest "
+                "message(s) were left out of this reply. Start a new chat (Ctrl+N) to begin afresh.", "info")
         if failed:
             self._on_error(stats.get("error", "The reply failed."))
         else:
@@ -451,6 +463,15 @@ class MainWindow(QMainWindow):
                 f"Reply {'stopped' if stats.get('finish_reason') == 'cancelled' else 'finished'}: "
                 f"{stats.get('new_tokens', 0)} tokens at {tps:.1f} tok/s")
         self.sidebar.refresh()
+
+    def _show_context(self, stats: dict | None) -> None:
+        """'Context 312 / 4096': what the last reply left in the model's context."""
+        total = int((self.client.model_info or {}).get("context_length") or 0)
+        if not total:
+            self.context_label.setText("")
+            return
+        used = int((stats or {}).get("prompt_tokens", 0)) + int((stats or {}).get("new_tokens", 0))
+        self.context_label.setText(f"Context {used:,} / {total:,}" + (" · full" if used >= total else ""))
 
     def _set_generating(self, on: bool) -> None:
         self.chat_view.set_generating(on)
@@ -568,6 +589,8 @@ class MainWindow(QMainWindow):
         self.ram_label.setText(f"RAM {format_bytes(snap.get('rss_bytes', 0))}")
 
     def _on_state(self, state: str) -> None:
+        if state == "idle" and self.client.model_info is None:
+            state = "no model"
         self.state_chip.setText({"idle": "ready", "loading": "loading…", "generating": "writing…",
                                  "serving": "serving API…"}.get(state, state))
         self.state_chip.setProperty("state", state)

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -52,7 +52,7 @@ class RemoteModel:
     remote: bool = True
     experts: str = "remote"
     dense: str = "remote"
-    context_length: int = field(default=1 << 20)
+    context_length: int = 0  # 0: the server did not say
 
 
 def remote_source(base_url: str, model: str) -> str:
@@ -164,7 +164,8 @@ class RemoteSession:
         body = {"model": remote.info.name, "messages": messages, "stream": True,
                 "stream_options": {"include_usage": True},
                 "temperature": 0.0 if params.greedy else params.temperature, "top_p": params.top_p}
-        if params.max_new_tokens < remote.context_length // 2:  # else the server fills what room is left
+        if not remote.context_length or params.max_new_tokens < remote.context_length // 2:
+            # else leave it out: the server fills what room the prompt leaves
             body["max_tokens"] = params.max_new_tokens
         if params.seed is not None:
             body["seed"] = params.seed
