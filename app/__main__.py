@@ -83,7 +83,8 @@ def show_store_notice(window, store) -> None:
         return
     from PySide6.QtWidgets import QLabel, QMessageBox
 
-    note = QLabel("⚠ History in memory: nothing will be saved" if store.in_memory else "⚠ Chat history was recovered")
+    short = "History in memory: nothing will be saved" if store.in_memory else "Chat history was recovered"
+    note = QLabel(f"⚠ {short}")
     note.setObjectName("storeNotice")
     note.setToolTip(store.notice)
     window.statusBar().addPermanentWidget(note)

@@ -122,7 +122,8 @@ def test_garbage_pages_are_moved_aside_and_readable_rows_recovered(tmp_path):
         f.write(os.urandom(PAGE))
     assert _quick_check(path) != ["ok"]
     store = ConversationStore(path)
-    assert store.moved_to is not None and store.moved_to.exists() and store.moved_to.name.startswith("c.sqlite3.corrupt-")
+    assert store.moved_to is not None and store.moved_to.exists()
+    assert store.moved_to.name.startswith("c.sqlite3.corrupt-")
     assert str(store.moved_to) in store.notice and "damaged" in store.notice
     conversations = store.conversations()
     assert sorted(c.title for c in conversations) == [f"chat {i}" for i in range(5)]
