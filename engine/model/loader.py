@@ -972,7 +972,11 @@ def load_model(
     model.requires_grad_(False)
     if cancel is not None and cancel.is_set():
         raise Cancelled("loading was cancelled")
-    named = main_experts({name: m for name, m in model.named_modules() if is_experts_module(m)})
+    from .session import text_model  # Qwen3-Omni chats with its thinker: its experts, its steps
+
+    text = text_model(model)
+    inside = {id(m) for m in text.modules()}
+    named = main_experts({n: m for n, m in model.named_modules() if is_experts_module(m) and id(m) in inside})
     modules = list(named.values())
     if experts != "source":
         for m in modules:
@@ -991,7 +995,7 @@ def load_model(
     if modules:
         report(0.95, "calibrating the cost model")
         counts = load_profile(info, profile) if profile else None
-        runtime = HybridRuntime(model, modules, dev, budget=budget, policy=policy, scope=scope,
+        runtime = HybridRuntime(text, modules, dev, budget=budget, policy=policy, scope=scope,
                                 force_slots=force_slots, profile=counts, dense_bytes=info.dense_bytes_in(dense))
     else:
         log.info("%s has no MoE layers: it runs as a plain model, without an expert cache", info.name)
