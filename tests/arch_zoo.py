@@ -37,7 +37,7 @@ SIZES = {
     "max_position_embeddings": 256, "sliding_window": 16, "attention_chunk_size": 16,
     "first_k_dense_replace": 1,
     "linear_num_key_heads": 2, "linear_num_value_heads": 2, "linear_key_head_dim": 16,
-    "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4,
+    "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4, "linear_head_dim": 16, "linear_num_heads": 4,
     "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_head_dim": 16, "ssm_state_size": 16,
     "mamba_n_groups": 1, "n_groups": 1, "mamba_d_conv": 4, "conv_kernel": 4, "mamba_expand": 2,
     "time_step_rank": 8, "mamba_dt_rank": 8, "chunk_size": 16, "conv_L_cache": 3,
@@ -47,6 +47,7 @@ SIZES = {
     "depth": 2, "num_layers": LAYERS, "out_hidden_size": HIDDEN, "text_hidden_size": HIDDEN,
     "projection_dim": HIDDEN, "image_size": 32, "patch_size": 8, "spatial_merge_size": 2,
     "temporal_patch_size": 2, "num_position_embeddings": 16, "num_mel_bins": 16, "output_dim": HIDDEN,
+    "projection_intermediate_size": 64,
     "encoder_layers": 2, "encoder_attention_heads": 4, "encoder_ffn_dim": 64, "n_window": 8,
     "adapter_in_dim": HIDDEN, "adapter_out_dim": HIDDEN, "adapter_input_size": HIDDEN,
 }
@@ -65,8 +66,8 @@ FIXES: dict[str, dict] = {
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv"]},  # no default; checkpoints name them
     "deepseek_ocr2": {"text_config": {"mlp_layer_types": ["dense", "sparse", "sparse"]}},
     "jamba": {"attn_layer_period": 3, "attn_layer_offset": 2},  # else no attention layer among three
-    # defaults to all-Mamba; Granite-4 checkpoints mix in attention layers
     "inkling_mm_model": {"vision_config": {"patch_size": 2}},  # few patch scales: no scipy assignment
+    # defaults to all-Mamba; Granite-4 checkpoints mix in attention layers
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention", "linear_attention"]},
     # mrope sections the modeling code assumes where the config leaves them out (shrunk with the rotary)
     "glm4v_moe": {"text_config": {"rope_parameters": {"mrope_section": [8, 12, 12]}}},
@@ -150,7 +151,7 @@ def _overrides(defaults: dict, layers: int) -> dict:
             out[key] = TOKEN_IDS[key]
         elif key.endswith(("_token_id", "_token_index")) and isinstance(value, int) and value >= VOCAB_SIZE:
             out[key] = VOCAB_SIZE - 1 - len([k for k in out if k.endswith(("_token_id", "_token_index"))])
-    if defaults.get("num_key_value_heads") and defaults.get("num_key_value_heads") == defaults.get("num_attention_heads"):
+    if defaults.get("num_key_value_heads") and defaults["num_key_value_heads"] == defaults.get("num_attention_heads"):
         out["num_key_value_heads"] = out.get("num_attention_heads", SIZES["num_attention_heads"])  # MLA, MHA
     rope = defaults.get("rope_parameters")
     if isinstance(rope, dict) and rope.get("mrope_section"):  # sections of the tiny rotary half-size
