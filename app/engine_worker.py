@@ -276,6 +276,8 @@ class EngineWorker(QObject):
         info = self._loaded.info.to_dict()
         info["source"] = source
         info["policies"] = dict(_engine["policies"])
+        if getattr(self._loaded.runtime, "profile", None) is None:
+            info["policies"].pop("static", None)  # it caches a profile's set: without one, nothing
         remote = getattr(self._loaded, "remote", False)
         info["has_tokenizer"] = remote or (self._loaded.tokenizer is not None and info.get("has_tokenizer", True))
         info["experts"], info["dense"] = self._loaded.experts, self._loaded.dense
@@ -643,12 +645,13 @@ class EngineClient(QObject):
         return self._thread.isRunning()
 
     # requests ------------------------------------------------------------------------------
-    def load(self, source: str, budget: int = 0, policy: str = "lru") -> int:
-        """Load `source` ('' = the demo model) with a cache budget in bytes (0 = the engine's default)."""
+    def load(self, source: str, budget: int | float = 0, policy: str = "lru") -> int:
+        """Load `source` ('' = the demo model) with a cache budget: bytes (an int) or a share of the
+        expert bytes (a float); 0 = the engine's default."""
         self.worker.issued_load += 1
         load_id = self.worker.issued_load
         # Never None through a signal: PySide6 6.12 miscounts references to it (see app.pyside_guard).
-        self._req_load.emit(load_id, str(source), int(budget or 0), policy)
+        self._req_load.emit(load_id, str(source), budget or 0, policy)
         return load_id
 
     def generate(self, messages: list[dict], params: dict) -> int:
@@ -695,7 +698,8 @@ class EngineClient(QObject):
             return True
         self.worker.stop()
         self._req_teardown.emit()
-        ok = self._thread.wait(timeout_ms)
+        # the engine's import cannot be cancelled: a quit in the first seconds waits for it to end
+        ok = self._thread.wait(timeout_ms if _engine else max(timeout_ms, 60_000))
         if not ok:  # pragma: no cover - only when an engine call ignores its cancel flag
             print("moe-chat: the engine thread did not stop within", timeout_ms, "ms")
         self._started = not ok

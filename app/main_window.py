@@ -482,7 +482,7 @@ class MainWindow(QMainWindow):
         remote = parse_remote_source(source or "")
         if remote is not None:
             return self.connect_remote(*remote, load_key(self.settings, remote[0]))
-        budget = self.settings.value(Key.BUDGET_BYTES)
+        budget = self.settings.value(Key.BUDGET_SHARE)  # a share, so it suits a model of any size
         self._main_load_id = self.client.load(source or "", budget, self.settings.value(Key.POLICY))
         name = Path(source).name if source else "demo model"
         self.status_label.setText(f"Loading {name}…")
@@ -513,7 +513,7 @@ class MainWindow(QMainWindow):
         if self.picker is not None and self.picker.isVisible():
             self.picker.raise_()
             return self.picker
-        budget = int((self.client.model_info or {}).get("budget_bytes") or 0)
+        budget = self.settings.value(Key.BUDGET_SHARE)
         self.picker = ModelPickerDialog(self.client, self.settings, budget, self)
         self.picker.finished.connect(self._on_picker_closed)
         self.picker.open()
@@ -576,7 +576,9 @@ class MainWindow(QMainWindow):
 
     def _on_budget_applied(self, nbytes: int) -> None:
         self.budget_bar.set_budget(nbytes)
-        self.settings.set_value(Key.BUDGET_BYTES, nbytes)
+        total = int((self.client.model_info or {}).get("runtime_expert_bytes_total") or 0)
+        if total:
+            self.settings.set_value(Key.BUDGET_SHARE, min(1.0, nbytes / total))
         self.status_label.setText(f"Cache budget set to {format_bytes(nbytes)}")
 
     def _on_policy_applied(self, name: str) -> None:

@@ -53,27 +53,28 @@ def describe_architecture(model: dict) -> str:
     return f"{arch} · its own code" if model.get("trust_remote_code") else f"{arch} · built-in code"
 
 
-def describe_cached(model: dict, budget_bytes: int) -> str:
-    """How much of this model's experts the current budget would cache, in the format `auto` holds them."""
+def describe_cached(model: dict, budget_share: float) -> str:
+    """How much of this model's experts the current budget (a share of each model's expert bytes, so it
+    carries over between models of any size) would cache, in the format `auto` holds them."""
     held = (model.get("formats") or {}).get(model.get("auto_experts")) or model
     total = int(held.get("expert_bytes_total") or 0)
     one = int(held.get("expert_bytes") or 0)
     if not total or not one:
         return "no experts"
-    nbytes = budget_bytes if budget_bytes > 0 else int(total * DEFAULT_BUDGET_SHARE)
+    nbytes = int(total * (budget_share if budget_share > 0 else DEFAULT_BUDGET_SHARE))
     experts = min(total, nbytes) // one
     return f"{min(1.0, nbytes / total):.0%} ({experts} experts)"
 
 
 class ModelPickerDialog(QDialog):
-    def __init__(self, client: EngineClient, settings: Settings, budget_bytes: int = 0,
+    def __init__(self, client: EngineClient, settings: Settings, budget_share: float = 0.0,
                  parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setWindowTitle("Choose a model")
         self.resize(980, 460)
         self.client = client
         self.settings = settings
-        self.budget_bytes = budget_bytes
+        self.budget_share = budget_share
         self.models: list[dict] = []
         self.load_id: int | None = None
         self.loaded_info: dict | None = None
@@ -196,7 +197,7 @@ class ModelPickerDialog(QDialog):
                 "" if bad else str(m.get("top_k") or "–"),
                 format_bytes(m.get("disk_bytes") or 0) if not bad else "",
                 "" if bad else self._fits(m),
-                "" if bad else describe_cached(m, self.budget_bytes),
+                "" if bad else describe_cached(m, self.budget_share),
             )
             for col, text in enumerate(cells):
                 item = QTableWidgetItem(str(text))
@@ -299,7 +300,7 @@ class ModelPickerDialog(QDialog):
             self.show_error(f"{m['error']}\nThe current model keeps running.")
             return
         self.error_label.setVisible(False)
-        budget = self.budget_bytes or self.settings.value(Key.BUDGET_BYTES)
+        budget = self.budget_share or self.settings.value(Key.BUDGET_SHARE)
         self.load_id = self.client.load(m["source"], budget, self.settings.value(Key.POLICY))
         self._loading_source = m["source"]
         self.progress.setValue(0)

@@ -15,7 +15,7 @@ from app.paths import settings_file
 class Key(str, enum.Enum):
     MODEL_SOURCE = "model/source"          # last loaded model ("" = the embedded demo model)
     EXTRA_MODEL_DIRS = "model/extra_dirs"  # folders added with Browse..., remembered
-    BUDGET_BYTES = "cache/budget_bytes"    # 0 = the engine's default share of the expert bytes
+    BUDGET_SHARE = "cache/budget_share"    # share of the model's expert bytes; 0 = the engine's default
     POLICY = "cache/policy"
     TEMPERATURE = "sampling/temperature"
     TOP_P = "sampling/top_p"
@@ -38,7 +38,7 @@ class Key(str, enum.Enum):
 DEFAULTS: dict[Key, Any] = {
     Key.MODEL_SOURCE: "",
     Key.EXTRA_MODEL_DIRS: [],
-    Key.BUDGET_BYTES: 0,
+    Key.BUDGET_SHARE: 0.0,
     Key.POLICY: "lru",
     Key.TEMPERATURE: 0.7,
     Key.TOP_P: 0.9,

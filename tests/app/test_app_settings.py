@@ -20,14 +20,14 @@ def test_values_round_trip_through_the_file_in_the_data_dir(app_data_dir):
     s = Settings()
     s.set_sampling({"temperature": 0.2, "top_k": 5, "max_new_tokens": 64, "seed": 7})
     s.set_value(Key.EXTRA_MODEL_DIRS, ["/models/a", "/models/b"])
-    s.set_value(Key.BUDGET_BYTES, 3 * 2**30)
+    s.set_value(Key.BUDGET_SHARE, 0.375)
     s.sync()
     assert (app_data_dir / "settings.ini").is_file()
     again = Settings()
     assert again.value(Key.TEMPERATURE) == 0.2 and isinstance(again.value(Key.TOP_K), int)
     assert again.value(Key.MAX_TOKENS) == 64 and again.sampling()["seed"] == 7
     assert again.value(Key.EXTRA_MODEL_DIRS) == ["/models/a", "/models/b"]
-    assert again.value(Key.BUDGET_BYTES) == 3 * 2**30
+    assert again.value(Key.BUDGET_SHARE) == 0.375
 
 
 def test_budget_parsing():

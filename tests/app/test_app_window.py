@@ -184,7 +184,8 @@ def test_budget_slider_resizes_the_cache_live_and_the_panel_follows(qtbot, windo
         bar.slider.setValue(target)
     assert blocker.args[0] == target * bar.expert_bytes == runtime.budget_bytes
     assert window.client.model_info["budget_bytes"] == runtime.budget_bytes
-    assert window.settings.value(Key.BUDGET_BYTES) == runtime.budget_bytes
+    share = window.settings.value(Key.BUDGET_SHARE)  # a share of the experts carries over between models
+    assert share == runtime.budget_bytes / window.client.model_info["runtime_expert_bytes_total"]
     t0 = time.monotonic()
     qtbot.waitUntil(lambda: f"{target} of" in panels.hit_rate.summary.text(), timeout=1000)
     assert time.monotonic() - t0 < 1.0
