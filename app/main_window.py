@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from PySide6.QtCore import QByteArray, Qt, QTimer
+from PySide6.QtCore import QByteArray, QStandardPaths, Qt, QTimer
 from PySide6.QtGui import QAction, QCloseEvent, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QApplication,
@@ -50,6 +50,13 @@ class ActiveReply:
     message: Message
     text: str = ""
     dirty: bool = False
+
+
+def default_export_path(title: str, fmt: str) -> Path:
+    """The chat's title as a file name, in the user's Documents folder (else home)."""
+    safe = "".join(ch if ch.isalnum() or ch in " -_" else "_" for ch in title).strip() or "chat"
+    docs = QStandardPaths.writableLocation(QStandardPaths.StandardLocation.DocumentsLocation)
+    return Path(docs or Path.home()) / f"{safe}.{fmt}"
 
 
 class MainWindow(QMainWindow):
@@ -324,10 +331,9 @@ class MainWindow(QMainWindow):
             return None
         self.flush_reply()
         if path is None:
-            conv = self.store.conversation(conversation_id)
-            safe = "".join(ch if ch.isalnum() or ch in " -_" else "_" for ch in conv.title).strip() or "chat"
             filters = "Markdown (*.md)" if fmt == "md" else "JSON (*.json)"
-            path, _ = QFileDialog.getSaveFileName(self, "Export conversation", f"{safe}.{fmt}", filters)
+            suggested = str(default_export_path(self.store.conversation(conversation_id).title, fmt))
+            path, _ = QFileDialog.getSaveFileName(self, "Export conversation", suggested, filters)
             if not path:
                 return None
         path = Path(path)

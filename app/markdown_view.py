@@ -1,6 +1,7 @@
 """A read-only Markdown view (Qt's own Markdown support) that sizes itself to its text.
 
-Every fenced code block gets a "Copy code" link above it, so code can be copied in one click.
+Every fenced code block gets a "Copy code" link above it, so code can be copied in one click, and
+code whose fence names a language is coloured by Pygments (a light or dark style, after the palette).
 """
 
 from __future__ import annotations
@@ -9,10 +10,47 @@ import math
 import re
 
 from PySide6.QtCore import Qt, QUrl, Signal
-from PySide6.QtGui import QDesktopServices, QGuiApplication, QPalette, QTextBlockFormat, QTextCursor, QTextFormat
+from PySide6.QtGui import (
+    QColor,
+    QDesktopServices,
+    QFont,
+    QGuiApplication,
+    QPalette,
+    QTextBlockFormat,
+    QTextCharFormat,
+    QTextCursor,
+    QTextFormat,
+)
 from PySide6.QtWidgets import QSizePolicy, QTextBrowser
 
 _FENCE_OPEN = re.compile(r"^ {0,3}(`{3,}|~{3,})\s*([^\s`]*)")
+STYLES = {"light": "default", "dark": "monokai"}
+
+
+def highlight_spans(code: str, language: str, dark: bool) -> list[tuple[int, int, QTextCharFormat]]:
+    """(start, length, format) for each coloured token of `code`; none for an unknown language."""
+    from pygments.lexers import get_lexer_by_name
+    from pygments.styles import get_style_by_name
+    from pygments.util import ClassNotFound
+
+    try:
+        lexer = get_lexer_by_name(language, stripnl=False, ensurenl=False)
+    except ClassNotFound:
+        return []
+    style = get_style_by_name(STYLES["dark" if dark else "light"])
+    spans, pos = [], 0
+    for token, value in lexer.get_tokens(code):
+        look = style.style_for_token(token)
+        if look["color"] or look["bold"] or look["italic"]:
+            fmt = QTextCharFormat()
+            if look["color"]:
+                fmt.setForeground(QColor(f"#{look['color']}"))
+            if look["bold"]:
+                fmt.setFontWeight(QFont.Weight.Bold)
+            fmt.setFontItalic(bool(look["italic"]))
+            spans.append((pos, len(value), fmt))
+        pos += len(value)
+    return spans
 
 
 def with_copy_links(text: str) -> tuple[str, list[str]]:
@@ -87,14 +125,17 @@ class MarkdownView(QTextBrowser):
         self.set_content(self._text, self._markdown)
 
     def _style_code_blocks(self) -> None:
-        """Give code blocks a background and let long lines wrap instead of being cut off."""
+        """Give code blocks a background, let long lines wrap instead of being cut off, colour them."""
         doc = self.document()
         bg = self.palette().color(QPalette.ColorRole.AlternateBase)
+        dark = self.palette().color(QPalette.ColorRole.Base).lightness() < 128
         cursor = QTextCursor(doc)
-        block = doc.begin()
+        runs: list[tuple[int, str, list[str]]] = []  # (start, language, lines) of each code block
+        block, inside = doc.begin(), False
         while block.isValid():
             fmt = block.blockFormat()
-            if fmt.nonBreakableLines() or fmt.hasProperty(QTextFormat.Property.BlockCodeFence):
+            code = fmt.nonBreakableLines() or fmt.hasProperty(QTextFormat.Property.BlockCodeFence)
+            if code:
                 new = QTextBlockFormat(fmt)
                 new.setNonBreakableLines(False)
                 new.setBackground(bg)
@@ -102,7 +143,19 @@ class MarkdownView(QTextBrowser):
                 new.setRightMargin(6)
                 cursor.setPosition(block.position())
                 cursor.setBlockFormat(new)
+                language = str(fmt.property(QTextFormat.Property.BlockCodeLanguage) or "")
+                if not inside:
+                    runs.append((block.position(), language, []))
+                runs[-1][2].append(block.text())
+            inside = code
             block = block.next()
+        for start, language, lines in runs:
+            if not language:
+                continue
+            for offset, length, fmt in highlight_spans("\n".join(lines), language, dark):
+                cursor.setPosition(start + offset)
+                cursor.setPosition(start + offset + length, QTextCursor.MoveMode.KeepAnchor)
+                cursor.mergeCharFormat(fmt)
 
     def _on_anchor(self, url: QUrl) -> None:
         if url.scheme() == "copy":

@@ -30,3 +30,14 @@ def test_the_state_pill_does_not_say_ready_without_a_model(qtbot, make_window, t
     window = make_window(model=str(tmp_path / "nowhere"), wait=False)
     qtbot.waitUntil(lambda: bool(window.last_error), timeout=60_000)
     qtbot.waitUntil(lambda: window.state_chip.text() == "no model", timeout=5000)
+
+
+def test_export_suggests_the_documents_folder():
+    from PySide6.QtCore import QStandardPaths
+
+    from app.main_window import default_export_path
+
+    docs = QStandardPaths.writableLocation(QStandardPaths.StandardLocation.DocumentsLocation)
+    path = default_export_path("Plans: 2027/Q1?", "md")
+    assert str(path.parent) == docs and path.name == "Plans_ 2027_Q1_.md"
+    assert default_export_path("", "json").name == "chat.json"

@@ -50,3 +50,24 @@ def test_code_blocks_get_copy_links():
     assert blocks == ["print(1)\nprint(2)", "raw", "open"]
     assert "[Copy code](copy:0)" in md and "[Copy code](copy:2)" in md
     assert md.index("[Copy code](copy:0)") < md.index("```python")
+
+
+def test_code_with_a_language_is_highlighted(qtbot):
+    from PySide6.QtGui import QTextCursor
+
+    from app.markdown_view import MarkdownView
+
+    view = MarkdownView()
+    qtbot.addWidget(view)
+
+    def colour_at(word: str) -> str:
+        doc = view.document()
+        cursor = QTextCursor(doc.find(word))
+        return cursor.charFormat().foreground().color().name()
+
+    view.set_content("```python\ndef area(r):\n    return 3 * r\n```\n\n```\ndef plain(r):\n```")
+    plain = colour_at("plain")
+    assert colour_at("def") != plain and colour_at("return") != plain  # keywords coloured
+    assert colour_at("area") != colour_at("def")  # a name is not a keyword
+    view.set_content("```nosuchlanguage\ndef x\n```")  # unknown languages stay plain, no error
+    assert view.code_blocks == ["def x"]
