@@ -80,6 +80,7 @@ class MessageWidget(QFrame):
 
     edit_submitted = Signal(int, str)
     regenerate_requested = Signal(int)
+    version_requested = Signal(int, int)  # message id, version index
 
     def __init__(self, message: Message, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -102,13 +103,24 @@ class MessageWidget(QFrame):
         self.regen_button = self._action("Regenerate", "Write this reply again")
         self.regen_button.clicked.connect(lambda: self.regenerate_requested.emit(self.message.id))
         self.regen_button.setVisible(False)
+        versions = message.stats.get("versions") or []
+        shown = int(message.stats.get("version", len(versions) - 1))
+        self.prev_button = self._action("‹", "The previous version of this reply")
+        self.prev_button.clicked.connect(lambda: self.version_requested.emit(self.message.id, shown - 1))
+        self.next_button = self._action("›", "The next version of this reply")
+        self.next_button.clicked.connect(lambda: self.version_requested.emit(self.message.id, shown + 1))
+        self.version_label = QLabel(f"{shown + 1}/{len(versions)}")
+        self.version_label.setObjectName("messageMeta")
+        self.has_versions = len(versions) > 1
+        self._can_go = (shown > 0, shown < len(versions) - 1)
 
         header = QHBoxLayout()
         header.setContentsMargins(0, 0, 0, 0)
         header.setSpacing(6)
         header.addWidget(self.role_label)
         header.addWidget(self.meta_label, 1)
-        for b in (self.copy_button, self.edit_button, self.regen_button):
+        for b in (self.prev_button, self.version_label, self.next_button, self.copy_button, self.edit_button,
+                  self.regen_button):
             header.addWidget(b)
 
         self.body = MarkdownView(self)
@@ -172,6 +184,13 @@ class MessageWidget(QFrame):
     def set_actions_enabled(self, enabled: bool) -> None:
         for b in (self.edit_button, self.regen_button):
             b.setEnabled(enabled)
+        self.prev_button.setEnabled(enabled and self._can_go[0])
+        self.next_button.setEnabled(enabled and self._can_go[1])
+
+    def show_versions(self, on: bool) -> None:
+        """‹ 2/3 › on the last reply, once it has been regenerated (earlier replies keep their choice)."""
+        for w in (self.prev_button, self.version_label, self.next_button):
+            w.setVisible(on and self.has_versions)
 
     def start_edit(self) -> None:
         self.editor.setPlainText(self.text)
@@ -233,6 +252,7 @@ class ChatView(QWidget):
     send_requested = Signal(str)
     stop_requested = Signal()
     regenerate_requested = Signal(int)
+    version_requested = Signal(int, int)
     edit_submitted = Signal(int, str)
     system_prompt_changed = Signal(str)
 
@@ -358,6 +378,7 @@ class ChatView(QWidget):
         w = MessageWidget(message)
         w.edit_submitted.connect(self.edit_submitted)
         w.regenerate_requested.connect(self.regenerate_requested)
+        w.version_requested.connect(self.version_requested)
         row = QHBoxLayout()
         row.setContentsMargins(0, 0, 0, 0)
         if message.role == "user":  # the user's bubbles sit to the right, as in every chat app
@@ -415,6 +436,7 @@ class ChatView(QWidget):
         last_assistant = next((w for w in reversed(self.widgets) if w.message.role == "assistant"), None)
         for w in self.widgets:
             w.regen_button.setVisible(w is last_assistant and w is self.widgets[-1])
+            w.show_versions(w is self.widgets[-1])
             w.set_actions_enabled(not self.generating)
 
     # banner --------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ class only ever updates widgets and the SQLite store, and the window never freez
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PySide6.QtCore import QByteArray, QStandardPaths, Qt, QTimer
@@ -50,6 +50,17 @@ class ActiveReply:
     message: Message
     text: str = ""
     dirty: bool = False
+    versions: list[dict] = field(default_factory=list)  # earlier replies, when this one regenerates
+    shown: int = 0  # which of them was shown: put back if the new reply fails before its first token
+
+
+def reply_versions(message: Message) -> list[dict]:
+    """Every version of a reply ({"content", "stats"}), the one shown included."""
+    versions = message.stats.get("versions")
+    if versions:
+        return list(versions)
+    stats = {k: v for k, v in message.stats.items() if k not in ("versions", "version")}
+    return [{"content": message.content, "stats": stats}]
 
 
 def default_export_path(title: str, fmt: str) -> Path:
@@ -235,6 +246,7 @@ class MainWindow(QMainWindow):
         cv.send_requested.connect(self.send_message)
         cv.stop_requested.connect(self.stop)
         cv.regenerate_requested.connect(lambda _mid: self.regenerate())
+        cv.version_requested.connect(self.show_version)
         cv.edit_submitted.connect(self.edit_message)
         cv.system_prompt_changed.connect(self._on_system_prompt)
         sb = self.sidebar
@@ -384,13 +396,13 @@ class MainWindow(QMainWindow):
                 if m.content or m.role == "user"]
         return out
 
-    def _start_reply(self) -> None:
+    def _start_reply(self, versions: list[dict] | None = None, shown: int = 0) -> None:
         cid = self.conversation_id
         messages = self._engine_messages(cid)
         placeholder = self.store.add_message(cid, "assistant", "", complete=False)
         params = self.settings.sampling()
         request_id = self.client.generate(messages, params)
-        self.active = ActiveReply(request_id, cid, placeholder)
+        self.active = ActiveReply(request_id, cid, placeholder, versions=versions or [], shown=shown)
         self.chat_view.begin_stream(placeholder)
         self._set_generating(True)
         self.flush_timer.start()
@@ -400,15 +412,32 @@ class MainWindow(QMainWindow):
         self.client.stop()
 
     def regenerate(self) -> bool:
-        """Write the last reply again (it is replaced)."""
+        """Write the last reply again; the earlier versions are kept, to browse with ‹ ›."""
         if self.generating or self.conversation_id is None or self.client.model_info is None:
             return False
         messages = self.store.messages(self.conversation_id)
         if not messages or messages[-1].role != "assistant":
             return False
-        self.store.delete_message(messages[-1].id)
+        last = messages[-1]
+        versions = reply_versions(last)
+        self.store.delete_message(last.id)
         self.chat_view.set_messages(self.store.messages(self.conversation_id))
-        self._start_reply()
+        self._start_reply(versions, int(last.stats.get("version", len(versions) - 1)))
+        return True
+
+    def show_version(self, message_id: int, index: int) -> bool:
+        """Show another version of the last reply; the conversation continues from the one shown."""
+        message = self.store.message(message_id)
+        if self.generating or message is None or message.conversation_id != self.conversation_id:
+            return False
+        versions = reply_versions(message)
+        messages = self.store.messages(self.conversation_id)
+        if not 0 <= index < len(versions) or messages[-1].id != message_id:
+            return False
+        chosen = versions[index]
+        self.store.update_message(message_id, content=chosen["content"],
+                                  stats={**chosen["stats"], "versions": versions, "version": index})
+        self.chat_view.set_messages(self.store.messages(self.conversation_id))
         return True
 
     def edit_message(self, message_id: int, text: str) -> bool:
@@ -445,13 +474,21 @@ class MainWindow(QMainWindow):
         self.active = None
         self.flush_timer.stop()
         failed = stats.get("finish_reason") == "error"
-        if failed and not a.text:
+        if failed and not a.text and a.versions:  # a failed regenerate: the reply shown before comes back
+            shown = a.versions[a.shown]
+            self.store.update_message(a.message.id, content=shown["content"], complete=True,
+                                      stats={**shown["stats"], "versions": a.versions, "version": a.shown})
+        elif failed and not a.text:
             self.store.delete_message(a.message.id)
         else:
-            self.store.update_message(a.message.id, content=a.text, complete=True, stats=stats)
+            stored = stats
+            if a.versions:
+                versions = a.versions + [{"content": a.text, "stats": stats}]
+                stored = {**stats, "versions": versions, "version": len(versions) - 1}
+            self.store.update_message(a.message.id, content=a.text, complete=True, stats=stored)
         self._set_generating(False)
         if a.conversation_id == self.conversation_id:
-            if failed and not a.text:
+            if (failed and not a.text) or a.versions:  # redrawn from the store: versions, or no reply
                 self.chat_view.set_messages(self.store.messages(self.conversation_id))
             else:
                 self.chat_view.end_stream(stats)

@@ -224,3 +224,28 @@ def test_close_during_generation_joins_the_thread(qtbot, make_window):
     reply = store.messages(conv)[-1]  # what was written so far is kept, marked as interrupted
     assert reply.role == "assistant" and not reply.complete and reply.content
     store.close()
+
+
+def test_regenerate_keeps_the_earlier_versions_to_browse(qtbot, window, send):
+    send(window, "Hi")
+    first = assistant_messages(window)[-1].content
+    for seed in (101, 202):  # other seeds: other replies
+        window.settings.set_value(Key.SEED, seed)
+        with qtbot.waitSignal(window.client.reply_finished, timeout=60_000):
+            assert window.regenerate()
+    reply = assistant_messages(window)[-1]
+    versions = reply.stats["versions"]
+    assert versions[0]["content"] == first and len(versions) == 3 and reply.stats["version"] == 2
+    assert len({v["content"] for v in versions}) == 3 and reply.content == versions[2]["content"]
+    widget = window.chat_view.widgets[-1]
+    assert not widget.version_label.isHidden() and widget.version_label.text() == "3/3"
+    assert widget.prev_button.isEnabled() and not widget.next_button.isEnabled()
+    qtbot.mouseClick(widget.prev_button, Qt.MouseButton.LeftButton)
+    qtbot.mouseClick(window.chat_view.widgets[-1].prev_button, Qt.MouseButton.LeftButton)
+    reply = assistant_messages(window)[-1]
+    assert reply.content == first and reply.stats["version"] == 0  # the conversation goes on from this one
+    assert window.chat_view.widgets[-1].version_label.text() == "1/3"
+    assert window.chat_view.widgets[-1].text == first
+    send(window, "And then?")
+    assert window.chat_view.widgets[1].version_label.isHidden()  # an earlier reply keeps its choice
+    assert not window.show_version(reply.id, 2)
