@@ -1,7 +1,8 @@
 """`python -m app --self-test`: drive the real window once, end to end, and print a JSON report.
 
 Loads the model, sends one prompt and waits for the reply, moves the budget slider twice (and checks
-that an impossible value is refused), checks that every panel received data, saves a screenshot of
+that an impossible value is refused), checks that every panel received data, asks the local
+OpenAI-compatible server for a short reply (so a bundle is proven to carry it), saves a screenshot of
 the whole window, then prints `{"ok": true, ...}` and exits 0, or `{"ok": false, "reason": ...}`
 and exits 1. The packaging checks reuse it on built bundles.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import urllib.request
 
 import numpy as np
 from PySide6.QtCore import QObject, QTimer
@@ -36,6 +38,7 @@ class SelfTest(QObject):
         self.reply_chars = 0
         self.tokens = 0
         self.budget_changes = 0
+        self.server_tokens = 0
         self._targets: list[int] = []
         self._panel_mark = 0
         self._t0 = time.monotonic()
@@ -124,6 +127,30 @@ class SelfTest(QObject):
         if not panels.memory.history.t or not panels.throughput.history.t:
             self.fail("the memory or throughput panel received no data")
             return
+        self.stage = "starting the local server"
+        self.window.client.server_changed.connect(self._on_server)
+        self.window.client.start_server(0)  # any free loopback port
+
+    def _on_server(self, state: dict) -> None:
+        if self.stage != "starting the local server":
+            return
+        if not state.get("url"):
+            self.fail(f"the local server did not start: {state.get('error')}")
+            return
+        body = json.dumps({"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4, "temperature": 0})
+        request = urllib.request.Request(state["url"] + "/chat/completions", body.encode(),
+                                         {"Content-Type": "application/json"})
+        try:  # the worker thread answers; this thread only waits (a few tokens)
+            with urllib.request.urlopen(request, timeout=60) as response:
+                self.server_tokens = json.loads(response.read())["usage"]["completion_tokens"]
+        except (OSError, ValueError, KeyError) as e:
+            self.fail(f"the local server did not answer: {e}")
+            return
+        self.window.client.stop_server()
+        self._finish()
+
+    def _finish(self) -> None:
+        panels = self.window.panels
         self.stage = "saving the screenshot"
         QApplication.processEvents()
         if self.screenshot and not self.window.grab().save(self.screenshot):
@@ -135,6 +162,7 @@ class SelfTest(QObject):
             "tokens": self.tokens,
             "budget_changes": self.budget_changes,
             "panel_updates": panels.updates,
+            "server_tokens": self.server_tokens,
             "model": self.window.client.model_info.get("name"),
             "device": self.window.client.model_info.get("device"),
             "seconds": round(time.monotonic() - self._t0, 2),

@@ -59,6 +59,7 @@ def test_self_test_command_end_to_end(tiny_model, tmp_path):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["ok"] is True
     assert report["tokens"] >= 1 and report["budget_changes"] == 2 and report["panel_updates"] > 0
+    assert report["server_tokens"] >= 1  # the local server answered through the same window
     assert set(report) >= {"ok", "reply_chars", "tokens", "budget_changes", "panel_updates"}
     image = QImage(str(shot))
     assert image.width() >= 960 and image.height() >= 600
