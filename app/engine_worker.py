@@ -127,6 +127,7 @@ class EngineWorker(QObject):
         self._job_steps: Iterator | None = None
         self._waiting_chat: tuple | None = None
         self._job_arrived.connect(self._take_job, Q)
+        self._load_options: dict = {}
 
     # -- called from any thread ----------------------------------------------------------------
     def stop(self) -> None:
@@ -175,6 +176,11 @@ class EngineWorker(QObject):
         del loaded
         gc.collect()
 
+    @Slot(object)
+    def set_load_options(self, options: dict) -> None:
+        """Device, CPU threads and a context cap for the loads that follow (Settings ▸ Engine)."""
+        self._load_options = dict(options)
+
     @Slot(int, str, object, str)
     def load(self, load_id: int, source: str, budget: object, policy: str) -> None:
         """Inspect, then load; the current model keeps running unless the new one loads.
@@ -208,6 +214,9 @@ class EngineWorker(QObject):
             self._release()
             self._loaded = loaded
             self._session = eng["session"].Session(loaded)
+            cap = int(self._load_options.get("context_length") or 0)
+            if cap:  # a smaller context than the model's bounds the KV cache's memory
+                self._session.context_length = min(self._session.context_length, cap)
             self._update_board()
             self.model_loaded.emit(load_id, self._describe(source))
         except BaseException as exc:  # noqa: BLE001 - report every failure, keep the current model
@@ -264,6 +273,8 @@ class EngineWorker(QObject):
 
         load_model = _engine["loader"].load_model
         kwargs = dict(policy=policy, progress=progress, cancel=event)
+        options = self._load_options
+        kwargs.update({k: options[k] for k in ("device", "threads") if options.get(k)})
         if not budget:
             return load_model(source, **kwargs)
         try:
@@ -599,6 +610,7 @@ class EngineClient(QObject):
     _req_server_start = Signal(str, int, str)
     _req_server_stop = Signal()
     _req_remote = Signal(int, str, str, str)
+    _req_options = Signal(object)
     _req_remote_list = Signal(str, str)
 
     def __init__(self, parent: QObject | None = None) -> None:
@@ -616,6 +628,7 @@ class EngineClient(QObject):
             "policy": self.worker.set_policy, "list": self.worker.list_models,
             "server_start": self.worker.start_server, "server_stop": self.worker.stop_server,
             "remote": self.worker.load_remote, "remote_list": self.worker.list_remote_models,
+            "options": self.worker.set_load_options,
         }
         for name, slot in slots.items():
             getattr(self, f"_req_{name}").connect(slot, Q)
@@ -675,6 +688,11 @@ class EngineClient(QObject):
 
     def list_models(self, extra_dirs: list[str]) -> None:
         self._req_list.emit(list(extra_dirs))
+
+    def set_load_options(self, device: str = "auto", threads: int = 0, context_length: int = 0) -> None:
+        """For the loads that follow: the fast device, CPU threads (0 = physical cores), a context cap
+        (0 = the model's own)."""
+        self._req_options.emit({"device": device, "threads": threads, "context_length": context_length})
 
     def start_server(self, port: int, api_key: str = "", host: str = "127.0.0.1") -> None:
         """The OpenAI-compatible server on the loaded model; `server_changed` says where, or why not."""

@@ -91,12 +91,14 @@ class MainWindow(QMainWindow):
         self.last_error = ""
         self._closed = False
         self._main_load_id: int | None = None
-        self._server_wanted: tuple | None = None  # (port, key) the local server was last asked to run with
+        self._server_wanted: tuple | None = None
+        self._engine_wanted: tuple | None = None  # (device, threads, context cap) last given to the worker  # (port, key) the local server was last asked to run with
 
         self._build_ui()
         self._connect()
         self._restore_state()
         self.client.start()
+        self.apply_engine_settings()
         self.apply_server_settings()
         self._open_initial_conversation()
         if autoload:
@@ -652,7 +654,19 @@ class MainWindow(QMainWindow):
         dialog = SettingsDialog(self.settings, self)
         if dialog.exec():
             self.set_theme(self.settings.value(Key.THEME))
+            if self.apply_engine_settings() and self.client.model_info is not None:
+                self.status_label.setText("Engine settings apply from the next model load (Model ▸ load it again).")
             self.apply_server_settings()
+
+    def apply_engine_settings(self) -> bool:
+        """Hand device, threads and context cap to the worker; True when they changed."""
+        wanted = (self.settings.value(Key.DEVICE), self.settings.value(Key.THREADS),
+                  self.settings.value(Key.CONTEXT_LENGTH))
+        if wanted == self._engine_wanted:
+            return False
+        self._engine_wanted = wanted
+        self.client.set_load_options(*wanted)
+        return True
 
     # -- the local server ------------------------------------------------------------------------
     def apply_server_settings(self) -> None:

@@ -28,6 +28,9 @@ class Key(str, enum.Enum):
     GEOMETRY = "ui/geometry"
     SPLITTER = "ui/splitter"
     LAST_CONVERSATION = "chat/last_conversation"
+    DEVICE = "engine/device"               # "auto" | "cpu" | "cuda"
+    THREADS = "engine/threads"             # CPU threads for the miss path; 0 = the physical cores
+    CONTEXT_LENGTH = "engine/context"      # 0 = the model's own context length
     SERVER_ENABLED = "server/enabled"      # the OpenAI-compatible local server, off until asked for
     SERVER_PORT = "server/port"
     SERVER_API_KEY = "server/api_key"      # "" = no key (the server listens on 127.0.0.1 only)
@@ -51,6 +54,9 @@ DEFAULTS: dict[Key, Any] = {
     Key.GEOMETRY: b"",
     Key.SPLITTER: b"",
     Key.LAST_CONVERSATION: 0,
+    Key.DEVICE: "auto",
+    Key.THREADS: 0,
+    Key.CONTEXT_LENGTH: 0,
     Key.SERVER_ENABLED: False,
     Key.SERVER_PORT: 8080,
     Key.SERVER_API_KEY: "",

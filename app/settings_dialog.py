@@ -61,6 +61,7 @@ class SettingsDialog(QDialog):
         for value, text in (("system", "Follow the system"), ("light", "Light"), ("dark", "Dark")):
             self.theme.addItem(text, value)
         form.addRow("Theme", self.theme)
+        engine = self._build_engine_group(settings)
         server = self._build_server_group(settings)
         note = QLabel("Sampling settings apply to the next reply. Each conversation keeps its own system prompt.")
         note.setObjectName("cardNote")
@@ -74,10 +75,32 @@ class SettingsDialog(QDialog):
         buttons.button(QDialogButtonBox.StandardButton.RestoreDefaults).clicked.connect(self.restore_defaults)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
+        layout.addWidget(engine)
         layout.addWidget(server)
         layout.addWidget(note)
         layout.addWidget(buttons)
         self._show(settings.sampling(), settings.value(Key.SYSTEM_PROMPT), settings.value(Key.THEME))
+
+    def _build_engine_group(self, settings: Settings) -> QGroupBox:
+        box = QGroupBox("Engine (applies when a model is loaded next)")
+        self.device = QComboBox()
+        for value, text in (("auto", "Automatic (a CUDA GPU when there is one)"), ("cpu", "CPU only"),
+                            ("cuda", "CUDA GPU")):
+            self.device.addItem(text, value)
+        self.device.setCurrentIndex(max(0, self.device.findData(settings.value(Key.DEVICE))))
+        self.threads = self._int(0, 512)
+        self.threads.setSpecialValueText("Automatic (physical cores)")
+        self.threads.setValue(settings.value(Key.THREADS))
+        self.context = self._int(0, 1 << 20)
+        self.context.setSingleStep(1024)
+        self.context.setSpecialValueText("The model's own")
+        self.context.setValue(settings.value(Key.CONTEXT_LENGTH))
+        self.context.setToolTip("A smaller context holds less key/value memory; longer chats drop old turns sooner.")
+        form = QFormLayout(box)
+        form.addRow("Device", self.device)
+        form.addRow("CPU threads", self.threads)
+        form.addRow("Context length (tokens)", self.context)
+        return box
 
     def _build_server_group(self, settings: Settings) -> QGroupBox:
         box = QGroupBox("Local server")
@@ -145,6 +168,9 @@ class SettingsDialog(QDialog):
         self.settings.set_sampling(self.values())
         self.settings.set_value(Key.SYSTEM_PROMPT, self.system_prompt.toPlainText())
         self.settings.set_value(Key.THEME, self.theme.currentData())
+        self.settings.set_value(Key.DEVICE, self.device.currentData())
+        self.settings.set_value(Key.THREADS, self.threads.value())
+        self.settings.set_value(Key.CONTEXT_LENGTH, self.context.value())
         self.settings.set_value(Key.SERVER_ENABLED, self.server_enabled.isChecked())
         self.settings.set_value(Key.SERVER_PORT, self.server_port.value())
         self.settings.set_value(Key.SERVER_API_KEY, self.server_key.text().strip())

@@ -41,3 +41,24 @@ def test_export_suggests_the_documents_folder():
     path = default_export_path("Plans: 2027/Q1?", "md")
     assert str(path.parent) == docs and path.name == "Plans_ 2027_Q1_.md"
     assert default_export_path("", "json").name == "chat.json"
+
+
+def test_engine_settings_apply_at_the_next_load(qtbot, window, tiny_model, monkeypatch):
+    from app.settings import Key
+    from app.settings_dialog import SettingsDialog
+    from engine.model import loader
+
+    dialog = SettingsDialog(window.settings, window)
+    assert dialog.device.currentData() == "auto" and dialog.threads.value() == 0 and dialog.context.value() == 0
+    dialog.device.setCurrentIndex(dialog.device.findData("cpu"))
+    dialog.threads.setValue(2)
+    dialog.context.setValue(64)
+    dialog.accept()
+    assert window.apply_engine_settings() and not window.apply_engine_settings()  # only when changed
+    seen = {}
+    real = loader.load_model
+    monkeypatch.setattr(loader, "load_model", lambda *a, **kw: seen.update(kw) or real(*a, **kw))
+    with qtbot.waitSignal(window.client.model_loaded, timeout=60_000) as loaded:
+        window.load_model(str(tiny_model))
+    assert seen["device"] == "cpu" and seen["threads"] == 2
+    assert loaded.args[1]["context_length"] == 64 and window.settings.value(Key.CONTEXT_LENGTH) == 64
