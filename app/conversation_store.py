@@ -37,6 +37,10 @@ CREATE TABLE IF NOT EXISTS messages (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, position);
+CREATE TABLE IF NOT EXISTS chat_settings (
+    conversation_id INTEGER PRIMARY KEY REFERENCES conversations(id) ON DELETE CASCADE,
+    settings TEXT NOT NULL DEFAULT '{}'
+);
 """
 DEFAULT_TITLE = "New chat"
 TABLES = ("conversations", "messages")  # in this order: a message needs its conversation
@@ -203,6 +207,22 @@ class ConversationStore:
     def set_system_prompt(self, conversation_id: int, text: str) -> None:
         with self._db:
             self._db.execute("UPDATE conversations SET system_prompt=? WHERE id=?", (text, conversation_id))
+
+    def chat_settings(self, conversation_id: int) -> dict[str, Any]:
+        """What this chat keeps of its own: sampling overrides and the model it was held with."""
+        row = self._db.execute("SELECT settings FROM chat_settings WHERE conversation_id=?",
+                               (conversation_id,)).fetchone()
+        return json.loads(row[0]) if row else {}
+
+    def update_chat_settings(self, conversation_id: int, **values: Any) -> None:
+        """Merge `values` into the chat's settings; a value of None removes that key."""
+        current = self.chat_settings(conversation_id)
+        current.update(values)
+        current = {k: v for k, v in current.items() if v is not None}
+        with self._db:
+            self._db.execute("INSERT INTO chat_settings(conversation_id, settings) VALUES (?, ?) "
+                             "ON CONFLICT(conversation_id) DO UPDATE SET settings=excluded.settings",
+                             (conversation_id, json.dumps(current)))
 
     def delete_conversation(self, conversation_id: int) -> None:
         with self._db:

@@ -37,7 +37,7 @@ from app.panels import PanelStack
 from app.paths import database_path
 from app.remote_dialog import RemoteDialog, load_key, parse_remote_source
 from app.settings import Key, Settings
-from app.settings_dialog import SettingsDialog
+from app.settings_dialog import ChatSettingsDialog, SettingsDialog
 
 FLUSH_INTERVAL_MS = 1000   # a streaming reply reaches the database at least once a second
 SHUTDOWN_TIMEOUT_MS = 2000
@@ -219,6 +219,7 @@ class MainWindow(QMainWindow):
         chat.addAction("Rename chat…", QKeySequence("F2"), lambda: self.sidebar.ask_rename(self.conversation_id))
         chat.addAction("Delete chat…", lambda: self.sidebar.ask_delete(self.conversation_id))
         chat.addSeparator()
+        chat.addAction("This chat's settings…", self.open_chat_settings)
         chat.addAction("Settings…", QKeySequence.StandardKey.Preferences, self.open_settings)
         view = menu.addMenu("&View")
         for name, text in (("light", "Light theme"), ("dark", "Dark theme"), ("system", "Follow the system")):
@@ -315,6 +316,12 @@ class MainWindow(QMainWindow):
             self.chat_view.begin_stream(streaming.message, streaming.text)
         replies = [m for m in messages if m.role == "assistant" and m.stats]
         self._show_context(replies[-1].stats if replies else None)
+        held = self.store.chat_settings(conversation_id)
+        current = self.client.model_info or {}
+        if held.get("model_name") and current and held.get("model") != current.get("source"):
+            self.chat_view.show_banner(
+                f"This chat was held with {held['model_name']}; {current.get('name')} is loaded now. "
+                "Pick the other one with the Model button to go on with it.", "info")
 
     def rename_conversation(self, conversation_id: int, title: str) -> None:
         self.store.rename(conversation_id, title)
@@ -402,7 +409,7 @@ class MainWindow(QMainWindow):
         cid = self.conversation_id
         messages = self._engine_messages(cid)
         placeholder = self.store.add_message(cid, "assistant", "", complete=False)
-        params = self.settings.sampling()
+        params = {**self.settings.sampling(), **self.store.chat_settings(cid).get("sampling", {})}
         request_id = self.client.generate(messages, params)
         self.active = ActiveReply(request_id, cid, placeholder, versions=versions or [], shown=shown)
         self.chat_view.begin_stream(placeholder)
@@ -494,6 +501,9 @@ class MainWindow(QMainWindow):
                 self.chat_view.set_messages(self.store.messages(self.conversation_id))
             else:
                 self.chat_view.end_stream(stats)
+        info = self.client.model_info or {}
+        if not failed and info:  # the chat remembers the model it was held with
+            self.store.update_chat_settings(a.conversation_id, model=info.get("source", ""), model_name=info.get("name"))
         if a.conversation_id == self.conversation_id:
             self._show_context(stats)
         if stats.get("dropped_messages"):
@@ -667,6 +677,17 @@ class MainWindow(QMainWindow):
         self._engine_wanted = wanted
         self.client.set_load_options(*wanted)
         return True
+
+    def open_chat_settings(self) -> ChatSettingsDialog | None:
+        """This chat's own sampling (kept with the chat); the defaults stay in Settings."""
+        cid = self.conversation_id
+        if cid is None:
+            return None
+        dialog = ChatSettingsDialog(self.settings, self.store.chat_settings(cid).get("sampling", {}), self)
+        dialog.accepted.connect(lambda: self.store.update_chat_settings(cid, sampling=dialog.overrides() or None))
+        dialog.finished.connect(dialog.deleteLater)
+        dialog.open()
+        return dialog
 
     # -- the local server ------------------------------------------------------------------------
     def apply_server_settings(self) -> None:

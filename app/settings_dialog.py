@@ -34,26 +34,53 @@ HELP = {
 }
 
 
+LABELS = {"temperature": "Temperature", "top_p": "Top-p", "top_k": "Top-k", "max_new_tokens": "Max tokens",
+          "repetition_penalty": "Repetition penalty", "seed": "Seed"}
+
+
+def _double(lo: float, hi: float, step: float, decimals: int) -> QDoubleSpinBox:
+    w = QDoubleSpinBox()
+    w.setRange(lo, hi)
+    w.setSingleStep(step)
+    w.setDecimals(decimals)
+    return w
+
+
+def _int(lo: int, hi: int) -> QSpinBox:
+    w = QSpinBox()
+    w.setRange(lo, hi)
+    return w
+
+
+def sampling_fields(form: QFormLayout) -> dict[str, QSpinBox | QDoubleSpinBox]:
+    """The sampling settings' spin boxes, added to `form` (the global defaults and a chat's own)."""
+    fields = {
+        "temperature": _double(0.0, 2.0, 0.05, 2),
+        "top_p": _double(0.05, 1.0, 0.05, 2),
+        "top_k": _int(0, 1000),
+        "max_new_tokens": _int(1, 32768),
+        "repetition_penalty": _double(1.0, 2.0, 0.05, 2),
+        "seed": _int(-1, 2**31 - 1),
+    }
+    for name, field in fields.items():
+        field.setToolTip(HELP[name])
+        form.addRow(LABELS[name], field)
+    return fields
+
+
+def show_sampling(fields: dict, sampling: dict) -> None:
+    for name, field in fields.items():
+        value = sampling[name]
+        field.setValue(-1 if value is None else value)
+
+
 class SettingsDialog(QDialog):
     def __init__(self, settings: Settings, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setWindowTitle("Settings")
         self.settings = settings
-        self.fields: dict[str, QSpinBox | QDoubleSpinBox] = {
-            "temperature": self._double(0.0, 2.0, 0.05, 2),
-            "top_p": self._double(0.05, 1.0, 0.05, 2),
-            "top_k": self._int(0, 1000),
-            "max_new_tokens": self._int(1, 32768),
-            "repetition_penalty": self._double(1.0, 2.0, 0.05, 2),
-            "seed": self._int(-1, 2**31 - 1),
-        }
-        labels = {"temperature": "Temperature", "top_p": "Top-p", "top_k": "Top-k",
-                  "max_new_tokens": "Max tokens", "repetition_penalty": "Repetition penalty",
-                  "seed": "Seed"}
         form = QFormLayout()
-        for name, field in self.fields.items():
-            field.setToolTip(HELP[name])
-            form.addRow(labels[name], field)
+        self.fields = sampling_fields(form)
         self.system_prompt = QPlainTextEdit()
         self.system_prompt.setFixedHeight(80)
         form.addRow("System prompt for new chats", self.system_prompt)
@@ -88,10 +115,10 @@ class SettingsDialog(QDialog):
                             ("cuda", "CUDA GPU")):
             self.device.addItem(text, value)
         self.device.setCurrentIndex(max(0, self.device.findData(settings.value(Key.DEVICE))))
-        self.threads = self._int(0, 512)
+        self.threads = _int(0, 512)
         self.threads.setSpecialValueText("Automatic (physical cores)")
         self.threads.setValue(settings.value(Key.THREADS))
-        self.context = self._int(0, 1 << 20)
+        self.context = _int(0, 1 << 20)
         self.context.setSingleStep(1024)
         self.context.setSpecialValueText("The model's own")
         self.context.setValue(settings.value(Key.CONTEXT_LENGTH))
@@ -106,7 +133,7 @@ class SettingsDialog(QDialog):
         box = QGroupBox("Local server")
         self.server_enabled = QCheckBox("Serve the loaded model to other programs (OpenAI-compatible API)")
         self.server_enabled.setChecked(settings.value(Key.SERVER_ENABLED))
-        self.server_port = self._int(1, 65535)
+        self.server_port = _int(1, 65535)
         self.server_port.setValue(settings.value(Key.SERVER_PORT))
         self.server_key = QLineEdit(settings.value(Key.SERVER_API_KEY))
         self.server_key.setEchoMode(QLineEdit.EchoMode.PasswordEchoOnEdit)
@@ -136,24 +163,8 @@ class SettingsDialog(QDialog):
     def _show_base_url(self) -> None:
         self.base_url.setText(f"http://127.0.0.1:{self.server_port.value()}/v1")
 
-    @staticmethod
-    def _double(lo: float, hi: float, step: float, decimals: int) -> QDoubleSpinBox:
-        w = QDoubleSpinBox()
-        w.setRange(lo, hi)
-        w.setSingleStep(step)
-        w.setDecimals(decimals)
-        return w
-
-    @staticmethod
-    def _int(lo: int, hi: int) -> QSpinBox:
-        w = QSpinBox()
-        w.setRange(lo, hi)
-        return w
-
     def _show(self, sampling: dict, system_prompt: str, theme: str) -> None:
-        for name, field in self.fields.items():
-            value = sampling[name]
-            field.setValue(-1 if value is None else value)
+        show_sampling(self.fields, sampling)
         self.system_prompt.setPlainText(system_prompt)
         self.theme.setCurrentIndex(max(0, self.theme.findData(theme)))
 
@@ -175,3 +186,39 @@ class SettingsDialog(QDialog):
         self.settings.set_value(Key.SERVER_PORT, self.server_port.value())
         self.settings.set_value(Key.SERVER_API_KEY, self.server_key.text().strip())
         super().accept()
+
+
+class ChatSettingsDialog(QDialog):
+    """One chat's own sampling: what differs from the defaults in Settings is kept with the chat."""
+
+    def __init__(self, settings: Settings, overrides: dict, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("This chat's settings")
+        self.defaults = settings.sampling()
+        form = QFormLayout()
+        self.fields = sampling_fields(form)
+        show_sampling(self.fields, {**self.defaults, **overrides})
+        note = QLabel("Values equal to the defaults in Settings follow them when those change.")
+        note.setObjectName("cardNote")
+        note.setWordWrap(True)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel
+                                   | QDialogButtonBox.StandardButton.RestoreDefaults)
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        buttons.button(QDialogButtonBox.StandardButton.RestoreDefaults).clicked.connect(
+            lambda: show_sampling(self.fields, self.defaults))
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(note)
+        layout.addWidget(buttons)
+
+    def overrides(self) -> dict:
+        """The fields that differ from the defaults (seed -1 means a fresh one each time, i.e. None)."""
+        out = {}
+        for name, field in self.fields.items():
+            value = field.value()
+            if name == "seed" and value < 0:
+                value = None
+            if value != self.defaults[name]:
+                out[name] = value
+        return out

@@ -62,3 +62,29 @@ def test_engine_settings_apply_at_the_next_load(qtbot, window, tiny_model, monke
         window.load_model(str(tiny_model))
     assert seen["device"] == "cpu" and seen["threads"] == 2
     assert loaded.args[1]["context_length"] == 64 and window.settings.value(Key.CONTEXT_LENGTH) == 64
+
+
+def test_a_chat_keeps_its_own_sampling_and_its_model(qtbot, window, send, tiny_model_factory):
+    from PySide6.QtWidgets import QDialogButtonBox
+
+    send(window, "Hello")
+    cid = window.conversation_id
+    assert window.store.chat_settings(cid)["model"] == window.client.model_info["source"]
+    dialog = window.open_chat_settings()
+    dialog.fields["max_new_tokens"].setValue(3)
+    dialog.fields["temperature"].setValue(window.settings.sampling()["temperature"])  # equal: not kept
+    dialog.accept()
+    assert window.store.chat_settings(cid)["sampling"] == {"max_new_tokens": 3}
+    stats = send(window, "Tell me more")
+    assert stats["new_tokens"] <= 3  # this chat's max tokens, not the default
+    other = window.new_conversation()
+    assert "sampling" not in window.store.chat_settings(other)
+    with qtbot.waitSignal(window.client.model_loaded, timeout=60_000):
+        window.load_model(str(tiny_model_factory("qwen3_moe", layers=6)))
+    window.open_conversation(cid)
+    assert not window.chat_view.banner.isHidden() and "was held with" in window.chat_view.banner.text()
+    dialog = window.open_chat_settings()
+    assert dialog.fields["max_new_tokens"].value() == 3
+    dialog.findChild(QDialogButtonBox).button(QDialogButtonBox.StandardButton.RestoreDefaults).click()
+    dialog.accept()
+    assert "sampling" not in window.store.chat_settings(cid)
