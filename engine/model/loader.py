@@ -501,6 +501,9 @@ def inspect_model(source: str | os.PathLike, *, trust_remote_code: bool | None =
 
     `trust_remote_code`: run the folder's own Python code (True), never (False), or as the user chose
     for this folder in the model picker (None; off unless they opted in)."""
+    from .. import gguf
+    if gguf.is_gguf(source):  # a .gguf file, or a folder of them: engine/gguf reads it
+        return gguf.inspect_gguf(source)
     path = resolve_source(source)
     raw = _read_config(path)
     trust_remote_code = _trusted(path, trust_remote_code)
@@ -943,6 +946,9 @@ def load_model(
     """Load a model for the hybrid engine. `profile="auto"` warm-starts the cache from a saved profile;
     `experts` and `dense` are weight formats (see `choose_formats`); quantized experts are saved once
     in the user's data folder (`save_copy`) and read from there by later loads."""
+    from .. import gguf
+    if gguf.is_gguf(source):  # a .gguf file, or a folder of them: engine/gguf loads it
+        return gguf.load_gguf(**{k: v for k, v in locals().items() if k != "gguf"})
     from ..cache.profiles import load_profile
     from ..moe.runtime import HybridRuntime
 

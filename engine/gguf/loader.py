@@ -1,0 +1,224 @@
+"""Inspect and load a GGUF model for the hybrid engine, as `engine.model.loader` does a safetensors folder:
+the model is built with its parameters on the meta device and filled tensor by tensor from the
+memory-mapped file, experts going straight into the engine's format (see `tensors`)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+from ..errors import Cancelled, ModelError
+from ..moe.interface import EXPERTS_IMPLEMENTATION, expert_tensor_names, is_experts_module
+from ..moe.quantize import FORMATS, dense_linears, meta_like
+from . import tensors as gt
+from .config import config_dict, make_config
+from .reader import GGUFModel, open_model
+from .tokenizer import has_tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def model_dtype(gguf: GGUFModel) -> torch.dtype:
+    """The dtype dense weights are held in: the file's float type when all its float tensors share one,
+    else (a quantized file) bfloat16."""
+    floats = {gt.FLOAT_TYPES[t.tensor_type] for t in gguf.tensors.values()
+              if t.tensor_type in gt.FLOAT_TYPES and len(t.shape) > 1}
+    quantized = any(t.tensor_type not in gt.FLOAT_TYPES and t.tensor_type < 24 for t in gguf.tensors.values())
+    return floats.pop() if len(floats) == 1 and not quantized else torch.bfloat16
+
+
+@contextlib.contextmanager
+def _meta_parameters():
+    """Build a model whose parameters are on the meta device but whose buffers (rotary tables) are real."""
+    original = torch.nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+def _build(gguf: GGUFModel, dtype: torch.dtype):
+    from ..model.loader import _model_class
+
+    config = make_config(gguf)
+    cls = _model_class(config)
+    try:
+        with _meta_parameters():
+            model = cls._from_config(config, dtype=dtype, experts_implementation=EXPERTS_IMPLEMENTATION)
+    except Exception as e:
+        raise ModelError(f"{gguf.files[0].name} describes a {config.model_type} model that cannot be built "
+                         f"({type(e).__name__}: {e}); the file's metadata is damaged or unusual") from None
+    return model, config
+
+
+def expert_type(gguf: GGUFModel) -> int | None:
+    """The GGML type of the experts (the most common one over their tensors), None without experts."""
+    types = [t.tensor_type for n, t in gguf.tensors.items() if "_exps.weight" in n]
+    return max(set(types), key=types.count) if types else None
+
+
+def inspect_gguf(source):
+    """`ModelInfo` of a GGUF model, without reading its tensor data."""
+    from ..model.loader import ModelInfo, _expert_matrices, _kv_bytes_per_token, _top_k
+
+    gguf = open_model(source)
+    dtype = model_dtype(gguf)
+    meta, config = _build(gguf, dtype)
+    names = gt.weight_map(meta, gguf)
+    params = dict(meta.named_parameters())
+    missing = [n for n in params if n not in names or any(g not in gguf.tensors for g in names[n])]
+    if missing:
+        raise ModelError(f"{gguf.files[0].name} lacks {len(missing)} of the model's tensors ({', '.join(missing[:3])}"
+                         f"{'…' if len(missing) > 3 else ''}); the file is incomplete or of an unusual variant")
+    experts = [m for m in meta.modules() if is_experts_module(m)]
+    esize = torch.tensor([], dtype=dtype).element_size()
+    total = sum(p.numel() for p in params.values())
+    expert_params = sum(getattr(m, n).numel() for m in experts for n in expert_tensor_names(m))
+    num_experts = int(getattr(experts[0], expert_tensor_names(experts[0])[0]).shape[0]) if experts else 0
+    return ModelInfo(
+        name=gguf.files[0].name.removesuffix(".gguf"),
+        path=str(gguf.files[0]),
+        model_type=config.model_type,
+        architecture=(getattr(config, "architectures", None) or [type(meta).__name__])[0],
+        num_layers=int(config.num_hidden_layers),
+        num_moe_layers=len(experts),
+        num_experts=num_experts,
+        top_k=_top_k(config) if experts else 0,
+        total_params=int(total),
+        expert_bytes=int(expert_params // max(1, num_experts * len(experts)) * esize),
+        expert_bytes_total=int(expert_params * esize),
+        dense_bytes=int((total - expert_params) * esize),
+        disk_bytes=sum(f.stat().st_size for f in gguf.files),
+        dtype=str(dtype).replace("torch.", ""),
+        has_tokenizer=has_tokenizer(gguf),
+        has_chat_template=bool(gguf.metadata.get("tokenizer.chat_template")),
+        kv_bytes_per_token=_kv_bytes_per_token(config, dtype),
+        weight_files=[f.name for f in gguf.files],
+        expert_matrices=_expert_matrices(experts[0]) if experts else [],
+        dense_linears=[[m.out_features, m.in_features] for _, _, m in dense_linears(meta)],
+    )
+
+
+def _auto_experts(info, gguf: GGUFModel, device: str, check_memory: bool) -> str:
+    """`auto` for a GGUF: the engine format nearest the file's experts (Q4 -> int4, Q8/Q5/Q6 -> int8),
+    int8 for int4 on a GPU (the int4 kernel is the CPU's), a smaller one if that does not fit the RAM."""
+    etype = expert_type(gguf)
+    fmt = gt.native_format(etype) if etype is not None else "source"
+    if fmt == "int4" and device != "cpu":
+        fmt = "int8"
+    if check_memory:
+        fits = info.formats(device)
+        later = FORMATS[FORMATS.index(fmt):]
+        fmt = next((f for f in later if fits[f]["fits_ram"]), fmt)
+    return fmt
+
+
+def _fill(model, gguf: GGUFModel, config, fmt: str, dtype: torch.dtype, report, cancel) -> None:
+    """Every parameter from its GGUF tensors; experts held in `fmt`, each expert converted on its own."""
+    names = gt.weight_map(model, gguf)
+    cfg = config_dict(gguf)
+    items = list(model.named_parameters(remove_duplicate=False))
+    for i, (name, p) in enumerate(items):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("loading was cancelled")
+        report(i / max(1, len(items)), f"reading weights ({i}/{len(items)})")
+        path, _, attr = name.rpartition(".")
+        module = model.get_submodule(path)
+        if not p.is_meta:
+            continue  # tied to one already read
+        if name not in names:
+            raise ModelError(f"{gguf.files[0].name} has no tensor for {name}; the file is incomplete")
+        if is_experts_module(module) and attr in expert_tensor_names(module):
+            _fill_experts(module, attr, names[name], gguf, fmt, dtype)
+        else:
+            value = gt.dense_tensor(gguf, names[name], tuple(p.shape), dtype, cfg)
+            module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+
+
+def _fill_experts(module, attr: str, gguf_names: list[str], gguf: GGUFModel, fmt: str, dtype: torch.dtype) -> None:
+    param = getattr(module, attr)
+    if attr.endswith("_bias"):  # [E, out]: stays at the source precision
+        parts = [torch.from_numpy(gt.dequantized(gguf.tensors[n])) for n in gguf_names]
+        if len(parts) == 2:
+            bias = torch.stack(parts, dim=-1).flatten(1) if module.is_transposed else torch.cat(parts, dim=1)
+        else:
+            bias = parts[0]
+        bias = bias.reshape(param.shape).to(dtype)
+        module._parameters[attr] = torch.nn.Parameter(bias, requires_grad=False)
+        if fmt != "source":
+            module.__dict__.setdefault("_moe_tensors", {})[attr] = bias
+        return
+    interleaved = module.is_transposed  # GPT-OSS: gate and up alternate, stored [in, out]
+    mats = [gt.expert_matrix(*gt.expert_rows(gguf, gguf_names, e, interleaved), fmt, dtype)
+            for e in range(param.shape[0])]
+    if fmt == "source":
+        stack = torch.stack(mats)
+        stack = stack.transpose(1, 2) if module.is_transposed else stack
+        module._parameters[attr] = torch.nn.Parameter(stack.contiguous().reshape(param.shape), requires_grad=False)
+        return
+    tensors = module.__dict__.setdefault("_moe_tensors", {})
+    tensors[attr + ".q"] = torch.stack([q for q, _ in mats])
+    tensors[attr + ".scale"] = torch.stack([s for _, s in mats])
+    module._moe_format = fmt
+    module._parameters[attr] = meta_like(param)
+
+
+def load_gguf(source, *, device: str = "auto", budget=0.25, policy: str = "lru", scope: str = "per_layer",
+              threads: int | None = None, force_slots: bool = False, profile="auto", trust_remote_code=None,
+              check_memory: bool = True, progress=None, cancel: threading.Event | None = None,
+              experts: str = "auto", dense: str = "auto", save_copy: bool = True):
+    """`load_model` for a GGUF file or folder (same arguments; `save_copy` is moot: the GGUF already is
+    the compact copy, and GGUF files run no code of their own, so `trust_remote_code` is ignored)."""
+    from ..cache.profiles import load_profile
+    from ..model.loader import (LoadedModel, _check_memory, _place, choose_formats, default_threads,
+                                pick_device)
+    from ..moe.quantize import quantize_dense
+    from ..moe.runtime import HybridRuntime
+
+    report = progress or (lambda f, m: None)
+    report(0.0, "checking files")
+    info = inspect_gguf(source)
+    gguf = open_model(source)
+    dev = pick_device(device)
+    if experts == "auto" and info.num_moe_layers:
+        experts = _auto_experts(info, gguf, dev.type, check_memory)
+    experts, dense = choose_formats(info, dev.type, experts, dense, check_memory)
+    if check_memory:
+        _check_memory(info, dev, experts, dense)
+    torch.set_num_threads(threads or default_threads())
+    dtype = getattr(torch, info.dtype)
+    model, config = _build(gguf, dtype)
+    report(0.1, "reading weights")
+    _fill(model, gguf, config, experts, dtype, lambda f, m: report(0.1 + 0.75 * f, m), cancel)
+    model.eval()
+    model.requires_grad_(False)
+    modules = [m for m in model.modules() if is_experts_module(m)]
+    if dense != "source":
+        report(0.85, f"quantizing dense layers to {dense}")
+        quantize_dense(model, dense)
+    report(0.85, f"placing weights on {dev}")
+    _place(model, modules, dev, lambda f: report(0.85 + 0.05 * f, f"placing weights on {dev}"))
+    report(0.9, "loading the tokenizer")
+    tokenizer = load_tokenizer(gguf)
+    runtime = None
+    if modules:
+        report(0.95, "calibrating the cost model")
+        counts = load_profile(info, profile) if profile else None
+        runtime = HybridRuntime(model, modules, dev, budget=budget, policy=policy, scope=scope,
+                                force_slots=force_slots, profile=counts, dense_bytes=info.dense_bytes_in(dense))
+    report(1.0, "ready")
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, runtime=runtime, device=dev,
+                       experts=experts, dense=dense)

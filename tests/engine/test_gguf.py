@@ -1,0 +1,172 @@
+"""GGUF files written here (with the gguf package's writer, llama.cpp's conventions) from tiny random
+transformers models load through the engine: same greedy tokens as the safetensors folder (F32),
+experts kept in their bits (Q4_0 exact, Q4_K within float32 rounding, Q8_0 re-rounded per channel)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from engine.errors import ModelError  # noqa: E402
+from engine.model.loader import inspect_model, load_model  # noqa: E402
+from engine.moe.interface import expert_tensors, is_experts_module  # noqa: E402
+from engine.moe.quantize import dequantize, quantize  # noqa: E402
+
+GGUF_ARCH = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama", "olmoe": "olmoe",
+             "gpt_oss": "gpt-oss"}
+Q = gguf.GGMLQuantizationType
+
+
+def _hf_state(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return model.config, {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's Q/K permutation for the llama architecture (rotary pairs adjacent)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tokenizer_kv(writer, folder: Path) -> None:
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    added = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    tokens = [None] * (max([*vocab.values(), *added.values()]) + 1)
+    for t, i in {**vocab, **added}.items():
+        tokens[i] = t
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in added else 1 for t in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    writer.add_eos_token_id(added["<|end|>"])
+    writer.add_pad_token_id(added["<|pad|>"])
+    writer.add_chat_template(json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template")
+                             or (folder / "chat_template.jinja").read_text())
+
+
+def _add(writer, name: str, w: np.ndarray, qtype) -> None:
+    if w.ndim < 2 or qtype in (Q.F32,) or w.shape[-1] % 32:
+        writer.add_tensor(name, w.astype(np.float32))
+    elif qtype == Q.Q4_K and w.shape[-1] % 256:
+        writer.add_tensor(name, w.astype(np.float32))
+    elif qtype == Q.Q4_K:
+        writer.add_tensor(name, _random_q4_k(w), raw_dtype=Q.Q4_K)
+    else:
+        writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+
+
+def _random_q4_k(w: np.ndarray) -> np.ndarray:
+    """Q4_K blocks (the gguf package only dequantizes K-quants): random codes, scales and mins sized to w."""
+    rng = np.random.default_rng(0)
+    blocks = w.size // 256
+    out = rng.integers(0, 256, size=(blocks, 144), dtype=np.uint8)
+    amax = np.float16(np.abs(w).max() / 15 / 40)
+    out[:, 0:2] = np.full((blocks, 1), amax, dtype=np.float16).view(np.uint8)
+    out[:, 2:4] = np.full((blocks, 1), amax / 2, dtype=np.float16).view(np.uint8)
+    return out.reshape(*w.shape[:-1], w.shape[-1] // 256 * 144)
+
+
+def write_gguf(folder: Path, out: Path, qtype=Q.F32, experts_qtype=None, split_max_tensors: int = 0) -> Path:
+    """A GGUF of the tiny model in `folder`, as llama.cpp's converter lays it out: stacked experts
+    `ffn_{gate,up,down}_exps`, Q/K permuted for llama; 2-D tensors in `qtype` (experts in `experts_qtype`)."""
+    config, state = _hf_state(folder)
+    arch = GGUF_ARCH[config.model_type]
+    n = config.num_hidden_layers
+    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), n)
+    writer = gguf.GGUFWriter(out, arch, split_max_tensors=split_max_tensors)
+    writer.add_name("tiny " + config.model_type)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(n)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    experts = getattr(config, "num_experts", None) or config.num_local_experts
+    writer.add_expert_count(experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    writer.add_feed_forward_length(config.intermediate_size)
+    if hasattr(config, "moe_intermediate_size"):
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if hasattr(config, "shared_expert_intermediate_size"):
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    if config.model_type == "gpt_oss":
+        writer.add_sliding_window(config.sliding_window)
+        rope = config.rope_parameters
+        writer.add_string(f"{arch}.rope.scaling.type", rope["rope_type"])
+        writer.add_float32(f"{arch}.rope.scaling.factor", float(rope["factor"]))
+        writer.add_uint32(f"{arch}.rope.scaling.original_context_length", rope["original_max_position_embeddings"])
+    _tokenizer_kv(writer, folder)
+    eq = experts_qtype if experts_qtype is not None else qtype
+    for key, w in state.items():
+        base, _, suffix = key.rpartition(".")
+        if ".experts." in key:
+            layer = key.split(".")[2]
+            stem = f"blk.{layer}.ffn_"
+            if config.model_type == "gpt_oss":  # [E, in, out], gate/up interleaved along out
+                if key.endswith("gate_up_proj"):
+                    _add(writer, stem + "gate_exps.weight", w[..., 0::2].transpose(0, 2, 1).copy(), eq)
+                    _add(writer, stem + "up_exps.weight", w[..., 1::2].transpose(0, 2, 1).copy(), eq)
+                elif key.endswith("gate_up_proj_bias"):
+                    writer.add_tensor(stem + "gate_exps.bias", w[:, 0::2].copy())
+                    writer.add_tensor(stem + "up_exps.bias", w[:, 1::2].copy())
+                elif key.endswith("down_proj"):
+                    _add(writer, stem + "down_exps.weight", w.transpose(0, 2, 1).copy(), eq)
+                else:
+                    writer.add_tensor(stem + "down_exps.bias", w.copy())
+            elif key.endswith("gate_up_proj"):  # [E, 2*ff, hidden], gate first
+                ff = w.shape[1] // 2
+                _add(writer, stem + "gate_exps.weight", w[:, :ff].copy(), eq)
+                _add(writer, stem + "up_exps.weight", w[:, ff:].copy(), eq)
+            else:
+                _add(writer, stem + "down_exps.weight", w, eq)
+            continue
+        name = names.get_name(base if suffix in ("weight", "bias") else key)
+        assert name is not None, key
+        if arch == "llama" and key.endswith(("q_proj.weight", "k_proj.weight")):
+            w = _permute(w, config.num_attention_heads if "q_proj" in key else config.num_key_value_heads)
+        if key.endswith("shared_expert_gate.weight"):
+            w = w.reshape(-1)
+        full = name + ("." + suffix if suffix in ("weight", "bias") else "")
+        _add(writer, full, w, qtype if ("token_embd" not in full and "output." not in full) else Q.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def greedy(loaded, ids: list[int], steps: int = 8) -> list[int]:
+    x = torch.tensor([ids], device=loaded.device)
+    with torch.no_grad():
+        out = loaded.model.generate(x, max_new_tokens=steps, do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+PROMPT = [5, 17, 42, 99, 7, 250, 3]
+KW = dict(device="cpu", budget=0.5, profile=None, check_memory=False, dense="source")
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss"])
+def test_f32_gguf_matches_safetensors(arch, tiny_model_factory, tmp_path):
+    folder = tiny_model_factory(arch)
+    file = write_gguf(folder, tmp_path / f"{arch}-f32.gguf")
+    ref = load_model(folder, experts="source", **KW)
+    got = load_model(file, experts="auto", **KW)
+    assert got.experts == "source" and got.info.num_experts == 8
+    assert greedy(got, PROMPT) == greedy(ref, PROMPT)
+    text = "Mixture of experts models route each token"
+    assert got.tokenizer(text)["input_ids"] == ref.tokenizer(text)["input_ids"]
