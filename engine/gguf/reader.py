@@ -93,7 +93,7 @@ def _open(file: Path):
     try:
         return GGUFReader(file)
     except ValueError as e:
-        number = re.match(r"(\d+) is not a valid GGMLQuantizationType", str(e))
+        number = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(e))
         if number:
             raise ModelError(f"{file.name} holds tensors of GGML type {number[1]}, which the installed gguf package "
                              "does not know; update gguf (pip install -U gguf) or pick another quantization of "

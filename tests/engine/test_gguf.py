@@ -170,3 +170,126 @@ def test_f32_gguf_matches_safetensors(arch, tiny_model_factory, tmp_path):
     assert greedy(got, PROMPT) == greedy(ref, PROMPT)
     text = "Mixture of experts models route each token"
     assert got.tokenizer(text)["input_ids"] == ref.tokenizer(text)["input_ids"]
+
+
+def _reference_experts(file: Path, layer: int) -> dict[str, torch.Tensor]:
+    """The experts' values as the gguf package dequantizes them: gate_up [E, 2*ff, hidden], down."""
+    reader = gguf.GGUFReader(file)
+    t = {x.name: x for x in reader.tensors}
+
+    def values(name):
+        x = t[f"blk.{layer}.ffn_{name}_exps.weight"]
+        return torch.from_numpy(np.asarray(gguf.quants.dequantize(x.data, x.tensor_type), dtype=np.float32))
+
+    return {"gate_up_proj": torch.cat([values("gate"), values("up")], dim=1), "down_proj": values("down")}
+
+
+def _held_experts(loaded, layer: int) -> dict[str, torch.Tensor]:
+    module = [m for m in loaded.model.modules() if is_experts_module(m)][layer]
+    t = expert_tensors(module)
+    return {n: torch.stack([dequantize(q, s, loaded.experts) for q, s in zip(t[n + ".q"], t[n + ".scale"])])
+            for n in ("gate_up_proj", "down_proj")}
+
+
+def test_q4_0_experts_are_the_engines_int4_exactly(tiny_model_factory, tmp_path):
+    file = write_gguf(tiny_model_factory("qwen3_moe"), tmp_path / "q4_0.gguf", Q.F32, experts_qtype=Q.Q4_0)
+    loaded = load_model(file, experts="auto", **KW)
+    assert loaded.experts == "int4"
+    for layer in range(3):
+        held, ref = _held_experts(loaded, layer), _reference_experts(file, layer)
+        for name in held:
+            assert torch.equal(held[name], ref[name]), name  # bit-exact weights
+    slots = load_model(file, experts="auto", force_slots=True, **{**KW, "budget": 0.3})
+    assert greedy(slots, PROMPT) == greedy(loaded, PROMPT)  # the cache never changes tokens
+
+
+def test_q8_0_experts_are_the_engines_int8_of_the_same_values(tiny_model_factory, tmp_path):
+    """Q8_0 has a scale per 32 values, the engine's int8 one per output channel: the values are re-rounded
+    (not bit-exact), but they are exactly the engine's int8 of the Q8_0 values, within half a step."""
+    file = write_gguf(tiny_model_factory("mixtral"), tmp_path / "q8_0.gguf", Q.F32, experts_qtype=Q.Q8_0)
+    loaded = load_model(file, experts="auto", **KW)
+    assert loaded.experts == "int8"
+    held, ref = _held_experts(loaded, 1), _reference_experts(file, 1)
+    for name in held:
+        again = torch.stack([dequantize(*quantize(m, "int8"), "int8") for m in ref[name]])
+        assert torch.equal(held[name], again), name
+        step = ref[name].abs().amax(dim=-1, keepdim=True) / 127
+        assert ((held[name] - ref[name]).abs() <= step * 0.51 + 1e-7).all(), name
+
+
+def test_q4_k_experts_become_int4_groups_of_32(tiny_model_factory, tmp_path):
+    folder = tiny_model_factory("qwen3_moe", hidden=256, layers=2)
+    file = write_gguf(folder, tmp_path / "q4_k.gguf", Q.F32, experts_qtype=Q.Q4_K)
+    assert gguf.GGUFReader(file).tensors[0] is not None
+    loaded = load_model(file, experts="int4", **KW)
+    module = [m for m in loaded.model.modules() if is_experts_module(m)][0]
+    q, s = expert_tensors(module)["gate_up_proj.q"], expert_tensors(module)["gate_up_proj.scale"]
+    assert s.shape[1] == 256 // 32  # one scale and zero per 32 values, as Q4_K's sub-blocks
+    ref = _reference_experts(file, 0)["gate_up_proj"]
+    held = torch.stack([dequantize(a, b, "int4") for a, b in zip(q, s)])
+    assert (held - ref).abs().max() <= 1e-6 * ref.abs().max()
+    assert greedy(loaded, PROMPT) == greedy(loaded, PROMPT)
+
+
+# -- files a person can get wrong ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_gguf(tmp_path_factory):
+    from tiny_models import make_tiny_model
+
+    folder = make_tiny_model(tmp_path_factory.mktemp("src"), "qwen3_moe", layers=2)
+    return write_gguf(folder, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.write_bytes(src.read_bytes())
+    return dst
+
+
+def test_truncated_file_is_named(small_gguf, tmp_path):
+    file = _copy(small_gguf, tmp_path / "cut.gguf")
+    with open(file, "r+b") as f:
+        f.truncate(file.stat().st_size - 1000)
+    with pytest.raises(ModelError, match="truncated"):
+        inspect_model(file)
+
+
+def test_bad_magic_is_named(small_gguf, tmp_path):
+    file = _copy(small_gguf, tmp_path / "bad.gguf")
+    with open(file, "r+b") as f:
+        f.write(b"GGUX")
+    with pytest.raises(ModelError, match="not a GGUF file"):
+        inspect_model(file)
+
+
+def test_unknown_tensor_type_is_named(small_gguf, tmp_path):
+    file = _copy(small_gguf, tmp_path / "odd.gguf")
+    reader = gguf.GGUFReader(file, "r+")
+    reader.tensors[0].field.parts[4][0] = 250  # the tensor's GGML type
+    reader.data.flush()
+    del reader
+    with pytest.raises(ModelError, match="GGML type 250"):
+        inspect_model(file)
+
+
+def test_split_file_with_a_missing_part_is_named(tiny_model_factory, tmp_path):
+    write_gguf(tiny_model_factory("qwen3_moe"), tmp_path / "split.gguf", split_max_tensors=12)
+    parts = sorted(tmp_path.glob("split-*.gguf"))
+    assert len(parts) >= 3 and parts[0].name.endswith("-00001-of-%05d.gguf" % len(parts))
+    assert inspect_model(parts[0]).num_experts == 8  # whole: loads from the first part or the folder
+    assert inspect_model(tmp_path).weight_files == [p.name for p in parts]
+    parts[1].unlink()
+    with pytest.raises(ModelError, match=f"{parts[1].name}.*incomplete"):
+        inspect_model(parts[0])
+
+
+def test_unknown_architecture_is_named(tmp_path):
+    file = tmp_path / "other.gguf"
+    writer = gguf.GGUFWriter(file, "deepseek2")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelError, match="'deepseek2' is not supported yet"):
+        inspect_model(file)
