@@ -94,6 +94,8 @@ class ModelPickerDialog(QDialog):
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        # long names keep their start and end (org, size, quant) in view; the tooltip has all of it
+        self.table.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         self.table.itemSelectionChanged.connect(self._on_selection)
         self.table.itemDoubleClicked.connect(lambda _item: self.load_selected())
 
@@ -202,6 +204,8 @@ class ModelPickerDialog(QDialog):
             for col, text in enumerate(cells):
                 item = QTableWidgetItem(str(text))
                 tip = m.get("error") or m.get("path") or m.get("source", "")
+                if col == 0:
+                    tip = f"{m.get('name', '')}\n{tip}"
                 if m.get("code_note"):
                     tip = f"{tip}\n{m['code_note']}"
                 if col == FITS_COLUMN and not bad and m.get("formats"):

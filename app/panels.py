@@ -150,6 +150,13 @@ class HitRatePanel(Card):
         self._recent: collections.deque = collections.deque(maxlen=BAR_WINDOW)
         self.current_rates: np.ndarray = np.zeros(0)
         self.summary.setText("Waiting for the model…")
+        # before any data: the empty frame of what will come (no "x0.001" SI scaling of an empty range)
+        for plot in (self.heat_plot, self.bar_plot):
+            for side in ("left", "bottom"):
+                plot.getAxis(side).enableAutoSIPrefix(False)
+        self.heat_plot.setXRange(0, HEAT_COLUMNS, padding=0)
+        self.heat_plot.setYRange(-0.5, 3.5, padding=0)
+        self.heat_plot.getAxis("left").setTicks([[]])
         self.apply_theme()
 
     def apply_theme(self) -> None:
@@ -270,6 +277,8 @@ def _time_plots(canvas) -> tuple[pg.PlotItem, pg.PlotItem]:
         p.setMouseEnabled(False, False)
         p.hideButtons()
         p.setXRange(-HISTORY_S, 0, padding=0)
+        p.setYRange(0, 1, padding=0)  # until data comes: then `_plot` lets the y axis follow it
+        p.getAxis("left").enableAutoSIPrefix(False)
     top.getAxis("bottom").setStyle(showValues=False)
     return top, bottom
 
@@ -283,6 +292,8 @@ class MemoryPanel(_TimeCard):
         self.dev_plot, self.ram_plot = _time_plots(self.canvas)
         self.curves: dict[str, pg.PlotDataItem] = {}
         self._simulated = True
+        self.dev_plot.setLabel("left", "GiB")
+        self.ram_plot.setLabel("left", "GiB")
         self.canvas.setMinimumHeight(130)
         self.apply_theme()
 
@@ -365,6 +376,8 @@ class MemoryPanel(_TimeCard):
         self.curves["rss"].setData(x, self.history.y("rss", rss_scale))
         self.ram_plot.setLabel("left", rss_unit)
         self.dev_plot.setXRange(-HISTORY_S, 0, padding=0)
+        for plot in (self.dev_plot, self.ram_plot):
+            plot.enableAutoRange(axis="y")
 
 
 class ThroughputPanel(_TimeCard):
@@ -377,6 +390,7 @@ class ThroughputPanel(_TimeCard):
         self.tps_plot.setLabel("left", "tok/s")
         self.cpu_plot.setLabel("left", "CPU %")
         self.cpu_plot.setYRange(0, 100, padding=0.05)
+        self.tps_plot.setYRange(0, 10, padding=0)
         self.canvas.ci.layout.setRowStretchFactor(0, 3)
         self.canvas.ci.layout.setRowStretchFactor(1, 2)
         self.curves: dict[str, pg.PlotDataItem] = {}
@@ -440,6 +454,7 @@ class ThroughputPanel(_TimeCard):
         for name in ("prefill", "decode", "cpu"):
             self.curves[name].setData(x, self.history.y(name))
         self.tps_plot.setXRange(-HISTORY_S, 0, padding=0)
+        self.tps_plot.enableAutoRange(axis="y")
 
 
 class PanelStack(QWidget):

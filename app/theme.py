@@ -74,7 +74,8 @@ def palette(name: str) -> QPalette:
 
 def style_sheet(name: str) -> str:
     template = Template((resource_dir() / "styles" / "app.qss").read_text(encoding="utf-8"))
-    return template.safe_substitute(COLORS[name])
+    styles = (resource_dir() / "styles").as_posix()  # the spin box and combo box arrows live here
+    return template.safe_substitute(COLORS[name], styles=styles)
 
 
 def apply(app: QApplication, name: str) -> str:

@@ -71,3 +71,26 @@ def test_code_with_a_language_is_highlighted(qtbot):
     assert colour_at("area") != colour_at("def")  # a name is not a keyword
     view.set_content("```nosuchlanguage\ndef x\n```")  # unknown languages stay plain, no error
     assert view.code_blocks == ["def x"]
+
+
+def test_spin_and_combo_arrows_point_at_files_that_exist():
+    import re
+    from pathlib import Path
+
+    from app import theme
+
+    for name in ("light", "dark"):
+        urls = re.findall(r"url\(([^)]+)\)", theme.style_sheet(name))
+        assert len(urls) >= 3 and all(Path(u).is_file() for u in urls) and "$" not in "".join(urls)
+
+
+def test_empty_charts_show_their_frame_without_si_scaling(qtbot):
+    from app.panels import PanelStack
+
+    panels = PanelStack()
+    qtbot.addWidget(panels)
+    heat = panels.hit_rate.heat_plot
+    assert heat.getAxis("left").autoSIPrefix is False and heat.getAxis("bottom").autoSIPrefix is False
+    assert heat.viewRange()[1] == [-0.5, 3.5]
+    assert panels.throughput.tps_plot.viewRange()[1] == [0, 10]
+    assert panels.memory.dev_plot.getAxis("left").labelText == "GiB"
