@@ -57,6 +57,31 @@ def decode_rate(session: Session, prompt: list[int], new_tokens: int) -> tuple[f
     return (len(ids) - 1) / (time.perf_counter() - t), ids
 
 
+ROUNDING_SHARE = 0.02  # of the largest logit: what bf16's 8-bit mantissa, accumulated, can move
+
+
+@torch.inference_mode()
+def logit_agreement(engine: LoadedModel, stock: LoadedModel, ids: list[int], prompt_len: int) -> dict:
+    """Both models teacher-forced over the same tokens: the largest logit difference, and where their
+    greedy choices first part, stock's margin between its top two there. Rounding (accumulation order,
+    e.g. in bf16) explains a parting when the difference is a small share of the logits' scale and the
+    margin lies inside it; a wrong expert moves logits by far more."""
+    x = torch.tensor([ids], dtype=torch.long)
+    a = engine.model(input_ids=x).logits[0, prompt_len - 1:].float()
+    b = stock.model(input_ids=x).logits[0, prompt_len - 1:].float()
+    diff = float((a - b).abs().max())
+    small = diff <= ROUNDING_SHARE * float(b.abs().max())
+    parted = (a.argmax(-1) != b.argmax(-1)).nonzero()
+    if not len(parted):
+        return {"max_logit_diff": diff, "first_divergence": None, "margin_at_divergence": None,
+                "explained_by_rounding": small}
+    at = int(parted[0])
+    top2 = b[at].topk(2).values
+    margin = float(top2[0] - top2[1])
+    return {"max_logit_diff": diff, "first_divergence": at, "margin_at_divergence": margin,
+            "explained_by_rounding": small and margin <= 2 * diff}
+
+
 def memory_read_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
     """Bytes/s of a large tensor reduction: what this machine's memory delivers to torch."""
     big = torch.ones(nbytes // 4)
@@ -176,8 +201,9 @@ def run_bench(model: str | None, *, budget="0.25", policy="lru", new_tokens=64, 
     vocab = engine.model.config.get_text_config().vocab_size
     prompt = torch.randint(0, vocab, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
     contenders = {"engine": Session(engine)}
-    for impl in ("grouped_mm", "eager"):
-        contenders[f"transformers[{impl}]"] = Session(stock_model(model, impl))
+    stock = {impl: stock_model(model, impl) for impl in ("grouped_mm", "eager")}
+    for impl, loaded in stock.items():
+        contenders[f"transformers[{impl}]"] = Session(loaded)
     best = {name: 0.0 for name in contenders}
     tokens = {}
     for r in range(rounds + 1):  # round 0 warms up
@@ -192,6 +218,7 @@ def run_bench(model: str | None, *, budget="0.25", policy="lru", new_tokens=64, 
     pairs = [(miss_path_bandwidth(engine), memory_read_bandwidth()) for _ in range(3)]
     miss_bw, mem_bw = max(p[0] for p in pairs), max(p[1] for p in pairs)
     overhead = scheduler_overhead(engine, prompt) if engine.runtime else {}
+    agreement = logit_agreement(engine, stock["eager"], prompt + tokens["transformers[eager]"][:-1], len(prompt))
     snap = engine.runtime.snapshot() if engine.runtime else {}
     result = {
         "model": engine.info.name,
@@ -203,6 +230,7 @@ def run_bench(model: str | None, *, budget="0.25", policy="lru", new_tokens=64, 
         "decode_tokens_per_s": best,
         "ratio_vs_best_stock": best["engine"] / baseline if baseline else 0.0,
         "same_tokens": all(t == tokens["engine"] for t in tokens.values()),
+        "logits_vs_eager": agreement,
         "hit_rate": snap.get("hit_rate", 0.0),
         "miss_path_bytes_per_s": miss_bw,
         "memory_read_bytes_per_s": mem_bw,

@@ -360,6 +360,12 @@ def cmd_bench(args) -> dict:
         for name, rate in result["decode_tokens_per_s"].items():
             print(f"{name:>26}: {rate:8.1f} tok/s")
         print(f"{'engine / best stock':>26}: {result['ratio_vs_best_stock']:8.2f}x  (same tokens: {result['same_tokens']})")
+        agree = result["logits_vs_eager"]
+        if agree["first_divergence"] is not None:
+            verdict = ("within rounding: accumulation order, not a bug" if agree["explained_by_rounding"]
+                       else "larger than rounding explains: a bug")
+            print(f"{'tokens part at step':>26}: {agree['first_divergence']:8d}  (stock's top-two margin "
+                  f"{agree['margin_at_divergence']:.4f}, max logit difference {agree['max_logit_diff']:.4f}: {verdict})")
         print(f"{'CPU miss path':>26}: {result['miss_path_bytes_per_s'] / 1e9:8.1f} GB/s = "
               f"{result['miss_path_bandwidth_share']:.0%} of memory read bandwidth "
               f"({result['memory_read_bytes_per_s'] / 1e9:.1f} GB/s, {result['threads']} threads, "

@@ -64,3 +64,19 @@ def test_decode_bench_json(tiny_model, capsys, monkeypatch, backend):
     assert o["calls"] == 23 * 3  # decode steps after the first token x MoE layers of the tiny model
     assert o["experts_forward_us"] > o["expert_math_us"] > o["matmuls_us"] > 0
     assert 0 < o["bookkeeping_us"] < o["overhead_us"]
+
+
+def test_logit_agreement_tells_rounding_from_a_wrong_expert(tiny_model):
+    from engine.model.loader import load_model
+    from engine.tools.bench import logit_agreement, stock_model
+
+    engine = load_model(tiny_model, device="cpu", budget="0.5", profile=None)
+    stock = stock_model(tiny_model, "eager")
+    ids = list(range(5, 29))
+    same = logit_agreement(engine, stock, ids, 8)
+    assert same["first_divergence"] is None and same["max_logit_diff"] < 1e-3 and same["explained_by_rounding"]
+    for name, p in stock.model.named_parameters():  # the wrong experts: every layer's rolled by one
+        if "experts" in name and p.dim() == 3:
+            p.data = p.data.roll(1, dims=0)
+    wrong = logit_agreement(engine, stock, ids, 8)
+    assert wrong["max_logit_diff"] > 10 * same["max_logit_diff"] and not wrong["explained_by_rounding"]
