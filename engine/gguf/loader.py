@@ -5,22 +5,19 @@ memory-mapped file, experts going straight into the engine's format (see `tensor
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import Cancelled, ModelError
+from ..model.loader import ModelInfo
 from ..moe.interface import EXPERTS_IMPLEMENTATION, expert_tensor_names, is_experts_module
 from ..moe.quantize import FORMATS, dense_linears, meta_like
 from . import tensors as gt
 from .config import config_dict, make_config
 from .reader import GGUFModel, open_model
 from .tokenizer import has_tokenizer, load_tokenizer
-
-log = logging.getLogger(__name__)
-
 
 def model_dtype(gguf: GGUFModel) -> torch.dtype:
     """The dtype dense weights are held in: the file's float type when all its float tensors share one,
@@ -68,9 +65,24 @@ def expert_type(gguf: GGUFModel) -> int | None:
     return max(set(types), key=types.count) if types else None
 
 
+@dataclass
+class GGUFModelInfo(ModelInfo):
+    """A GGUF's `ModelInfo`: the GGML type of its experts, and int4 bytes as `tensors` holds Q4_0 / Q4_K
+    experts (groups of 32 with a float32 scale and zero: 0.75 bytes a weight)."""
+
+    quant: str = ""  # the experts' GGML type, e.g. "Q4_K"
+
+    def expert_bytes_in(self, fmt: str) -> int:
+        if fmt != "int4" or self.quant not in ("Q4_0", "Q4_K"):
+            return super().expert_bytes_in(fmt)
+        esize = torch.tensor([], dtype=getattr(torch, self.dtype)).element_size()
+        matrices = sum(o * i for o, i in self.expert_matrices)
+        return self.expert_bytes - matrices * esize + matrices // 2 + matrices // 32 * 8
+
+
 def inspect_gguf(source):
     """`ModelInfo` of a GGUF model, without reading its tensor data."""
-    from ..model.loader import ModelInfo, _expert_matrices, _kv_bytes_per_token, _top_k
+    from ..model.loader import _expert_matrices, _kv_bytes_per_token, _top_k
 
     gguf = open_model(source)
     dtype = model_dtype(gguf)
@@ -86,7 +98,8 @@ def inspect_gguf(source):
     total = sum(p.numel() for p in params.values())
     expert_params = sum(getattr(m, n).numel() for m in experts for n in expert_tensor_names(m))
     num_experts = int(getattr(experts[0], expert_tensor_names(experts[0])[0]).shape[0]) if experts else 0
-    return ModelInfo(
+    etype = expert_type(gguf)
+    return GGUFModelInfo(
         name=gguf.files[0].name.removesuffix(".gguf"),
         path=str(gguf.files[0]),
         model_type=config.model_type,
@@ -107,6 +120,7 @@ def inspect_gguf(source):
         weight_files=[f.name for f in gguf.files],
         expert_matrices=_expert_matrices(experts[0]) if experts else [],
         dense_linears=[[m.out_features, m.in_features] for _, _, m in dense_linears(meta)],
+        quant=gt.ggml_type_name(etype) if etype is not None else "",
     )
 
 

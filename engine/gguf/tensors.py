@@ -66,7 +66,8 @@ def dequantized(t) -> np.ndarray:
     """float32 values of a tensor, in torch's dimension order."""
     from gguf.quants import dequantize
 
-    return np.asarray(dequantize(as_array(t), t.tensor_type), dtype=np.float32)
+    w = np.asarray(dequantize(as_array(t), t.tensor_type), dtype=np.float32)
+    return w if w.flags.writeable else w.copy()  # F32 data is the read-only memory map itself
 
 
 def dense_tensor(gguf: GGUFModel, names: list[str], shape: tuple, dtype: torch.dtype, config: dict) -> torch.Tensor:
@@ -81,7 +82,8 @@ def dense_tensor(gguf: GGUFModel, names: list[str], shape: tuple, dtype: torch.d
         w = dequantized(t)
         if gguf.architecture == "llama":
             w = LlamaTensorProcessor(config).process(w, name).weights
-        values = torch.from_numpy(np.ascontiguousarray(w))
+        w = np.ascontiguousarray(w)
+        values = torch.from_numpy(w if w.flags.writeable else w.copy())
     if values.numel() != int(np.prod(shape)):
         raise ModelError(f"{gguf.files[0].name}: tensor {name!r} has {values.numel()} values but the model "
                          f"expects shape {tuple(shape)}; the metadata and the tensors do not match")

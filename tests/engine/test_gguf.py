@@ -293,3 +293,27 @@ def test_unknown_architecture_is_named(tmp_path):
     writer.close()
     with pytest.raises(ModelError, match="'deepseek2' is not supported yet"):
         inspect_model(file)
+
+
+def test_folder_of_gguf_files(small_gguf, tmp_path):
+    """A folder holding one GGUF model loads like the file (with progress); two models must be chosen from."""
+    folder = tmp_path / "lmstudio-style"
+    folder.mkdir()
+    _copy(small_gguf, folder / "tiny-F32.gguf")
+    seen = []
+    loaded = load_model(folder, experts="int8", progress=lambda f, m: seen.append(f), **KW)
+    assert loaded.info.quant == "F32" and loaded.info.weight_files == ["tiny-F32.gguf"]
+    assert seen[0] == 0.0 and seen[-1] == 1.0 and seen == sorted(seen) and len(seen) > 10
+    _copy(small_gguf, folder / "tiny-Q8_0.gguf")
+    with pytest.raises(ModelError, match="holds 2 GGUF models"):
+        inspect_model(folder)
+
+
+def test_q4_0_memory_estimate_counts_its_float32_scales(tiny_model_factory, tmp_path):
+    file = write_gguf(tiny_model_factory("qwen3_moe"), tmp_path / "q4.gguf", Q.F32, experts_qtype=Q.Q4_0)
+    info = inspect_model(file)
+    assert info.quant == "Q4_0"
+    loaded = load_model(file, experts="int4", **KW)
+    module = [m for m in loaded.model.modules() if is_experts_module(m)][0]
+    held = sum(t.numel() * t.element_size() for t in expert_tensors(module).values())
+    assert info.expert_bytes_in("int4") * info.num_experts == held
