@@ -20,12 +20,11 @@ from .reader import GGUFModel, open_model
 from .tokenizer import has_tokenizer, load_tokenizer
 
 def model_dtype(gguf: GGUFModel) -> torch.dtype:
-    """The dtype dense weights are held in: the file's float type when all its float tensors share one,
-    else (a quantized file) bfloat16."""
-    floats = {gt.FLOAT_TYPES[t.tensor_type] for t in gguf.tensors.values()
-              if t.tensor_type in gt.FLOAT_TYPES and len(t.shape) > 1}
-    quantized = any(t.tensor_type not in gt.FLOAT_TYPES and t.tensor_type < 24 for t in gguf.tensors.values())
-    return floats.pop() if len(floats) == 1 and not quantized else torch.bfloat16
+    """The dtype weights are dequantized to: the float type of the file's dense matrices when they all
+    share one (the experts are held in their own format), else (quantized dense layers) bfloat16."""
+    dense = [t.tensor_type for n, t in gguf.tensors.items() if len(t.shape) > 1 and "_exps." not in n]
+    floats = {gt.FLOAT_TYPES.get(t) for t in dense}
+    return floats.pop() if len(floats) == 1 and None not in floats else torch.bfloat16
 
 
 @contextlib.contextmanager

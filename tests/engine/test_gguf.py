@@ -179,7 +179,7 @@ def _reference_experts(file: Path, layer: int) -> dict[str, torch.Tensor]:
 
     def values(name):
         x = t[f"blk.{layer}.ffn_{name}_exps.weight"]
-        return torch.from_numpy(np.asarray(gguf.quants.dequantize(x.data, x.tensor_type), dtype=np.float32))
+        return torch.from_numpy(np.array(gguf.quants.dequantize(x.data, x.tensor_type), dtype=np.float32))
 
     return {"gate_up_proj": torch.cat([values("gate"), values("up")], dim=1), "down_proj": values("down")}
 
