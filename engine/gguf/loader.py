@@ -229,7 +229,10 @@ def load_gguf(source, *, device: str = "auto", budget=0.25, policy: str = "lru",
     runtime = None
     if modules:
         report(0.95, "calibrating the cost model")
-        counts = load_profile(info, profile) if profile else None
+        try:
+            counts = load_profile(info, profile) if profile else None
+        except OSError:  # engine.cache.profiles fingerprints a folder's config.json, which a GGUF lacks
+            counts = None
         runtime = HybridRuntime(model, modules, dev, budget=budget, policy=policy, scope=scope,
                                 force_slots=force_slots, profile=counts, dense_bytes=info.dense_bytes_in(dense))
     report(1.0, "ready")

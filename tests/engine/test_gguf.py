@@ -170,6 +170,10 @@ def test_f32_gguf_matches_safetensors(arch, tiny_model_factory, tmp_path):
     assert greedy(got, PROMPT) == greedy(ref, PROMPT)
     text = "Mixture of experts models route each token"
     assert got.tokenizer(text)["input_ids"] == ref.tokenizer(text)["input_ids"]
+    chat = [{"role": "user", "content": "Hello!"}]
+    assert got.info.has_chat_template and got.tokenizer.eos_token == ref.tokenizer.eos_token
+    assert (got.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+            == ref.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
 
 
 def _reference_experts(file: Path, layer: int) -> dict[str, torch.Tensor]:
@@ -301,7 +305,7 @@ def test_folder_of_gguf_files(small_gguf, tmp_path):
     folder.mkdir()
     _copy(small_gguf, folder / "tiny-F32.gguf")
     seen = []
-    loaded = load_model(folder, experts="int8", progress=lambda f, m: seen.append(f), **KW)
+    loaded = load_model(folder, experts="int8", progress=lambda f, m: seen.append(f), **{**KW, "profile": "auto"})
     assert loaded.info.quant == "F32" and loaded.info.weight_files == ["tiny-F32.gguf"]
     assert seen[0] == 0.0 and seen[-1] == 1.0 and seen == sorted(seen) and len(seen) > 10
     _copy(small_gguf, folder / "tiny-Q8_0.gguf")
