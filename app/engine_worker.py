@@ -734,3 +734,137 @@ class EngineClient(QObject):
     def _remember_policy(self, name: str) -> None:
         if self.model_info is not None:
             self.model_info["policy"] = name
+
+
+# -- downloads from the Hugging Face Hub ---------------------------------------------------------------
+# An explicit user action (Model ▸ Download…), and the only code in the app that touches the network.
+# Each listing and download runs on a Python thread of its own, not on the model's worker thread, so
+# chatting goes on meanwhile. engine.model.download is torch-free, so importing it here costs little.
+DOWNLOAD_PROGRESS_GAP_S = 0.1
+
+
+class HubDownloads(QObject):
+    """The window's handle on Hub listings and downloads; its signals arrive on the GUI thread.
+
+    `cancel()` answers at once (`download_failed(..., cancelled=True)`), and the download thread stops at
+    its next read; a later download of the same repo waits for it, so two never write the same file.
+    """
+
+    listed = Signal(int, object, str)              # job id, RepoListing (or {} on error), error ("" when none)
+    download_progress = Signal(int, object)        # job id, engine.model.download.Progress
+    download_finished = Signal(int, str, str)      # job id, repo id, snapshot folder
+    download_failed = Signal(int, str, bool)       # job id, message, cancelled
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._jobs = 0
+        self._threads: dict[int, threading.Thread] = {}
+        self._cancels: dict[int, threading.Event] = {}
+        self._by_repo: dict[str, threading.Thread] = {}
+        self.active: int | None = None  # the download the user can cancel
+
+    def list_repo(self, repo: str) -> int:
+        """List a repo's files and variants (network, on a thread); answered by `listed`."""
+        from engine.model import download
+
+        job = self._next()
+
+        def run() -> None:
+            try:
+                self.listed.emit(job, download.list_repo(repo), "")
+            except BaseException as exc:  # noqa: BLE001 - every failure is a message
+                self.listed.emit(job, {}, _download_message(exc))
+
+        self._start(job, run, f"hub-list-{job}")
+        return job
+
+    def download(self, plan: Any) -> int:
+        """Download a plan from engine.model.download.plan_download; answered by progress, then finished or failed."""
+        from engine.model import download
+
+        job = self._next()
+        cancel = self._cancels[job] = threading.Event()
+        earlier = self._by_repo.get(plan.repo_id)
+        last = [0.0]
+
+        def progress(p: Any) -> None:
+            now = time.monotonic()
+            if cancel.is_set() or (now - last[0] < DOWNLOAD_PROGRESS_GAP_S and p.done_bytes < p.total_bytes):
+                return
+            last[0] = now
+            self.download_progress.emit(job, p)
+
+        def run() -> None:
+            if earlier is not None:
+                earlier.join()  # a cancelled download of this repo ends at its next read
+            try:
+                folder = download.download(plan, progress, cancel)
+            except BaseException as exc:  # noqa: BLE001
+                if not cancel.is_set():
+                    self.download_failed.emit(job, _download_message(exc), isinstance(exc, download.DownloadCancelled))
+                return
+            if not cancel.is_set():
+                self.download_finished.emit(job, plan.repo_id, str(folder))
+
+        self.active = job
+        self._by_repo[plan.repo_id] = self._start(job, run, f"hub-download-{job}")
+        return job
+
+    def cancel(self, job: int | None = None) -> None:
+        """Cancel a download (the active one by default); its failed(cancelled) signal comes at once."""
+        job = self.active if job is None else job
+        event = self._cancels.get(job) if job is not None else None
+        thread = self._threads.get(job) if job is not None else None
+        if event is None or event.is_set() or thread is None or not thread.is_alive():
+            return
+        event.set()
+        if job == self.active:
+            self.active = None
+        self.download_failed.emit(job, "The download was cancelled; press Download again to continue it.", True)
+
+    def busy(self) -> bool:
+        return any(t.is_alive() for t in self._threads.values())
+
+    def wait(self, timeout_s: float = 5.0) -> bool:
+        """Join every listing and download thread (at quit, and in tests); True when all ended."""
+        deadline = time.monotonic() + timeout_s
+        for thread in list(self._threads.values()):
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not self.busy()
+
+    def cancel_all(self) -> None:
+        for job in list(self._cancels):
+            self.cancel(job)
+
+    def _next(self) -> int:
+        self._jobs += 1
+        return self._jobs
+
+    def _start(self, job: int, run, name: str) -> threading.Thread:
+        # daemon: a download stuck on a dead network must never keep the app from quitting
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        self._threads = {j: t for j, t in self._threads.items() if t.is_alive()}
+        self._threads[job] = thread
+        thread.start()
+        return thread
+
+
+def _download_message(exc: BaseException) -> str:
+    """EngineError messages (with their hint) as they are; anything else with its type."""
+    from engine.errors import EngineError
+
+    if isinstance(exc, EngineError):
+        return f"{exc}\n{exc.hint}" if exc.hint else str(exc)
+    traceback.print_exception(exc)
+    return f"Downloading failed: {type(exc).__name__}: {exc}"
+
+
+def _client_downloads(self: EngineClient) -> HubDownloads:
+    """The client's one HubDownloads, made when first asked for (most sessions never download)."""
+    downloads = getattr(self, "_hub_downloads", None)
+    if downloads is None:
+        downloads = self._hub_downloads = HubDownloads(self)
+    return downloads
+
+
+EngineClient.downloads = property(_client_downloads)  # appended here, so the client's body stays as it is

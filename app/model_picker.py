@@ -125,6 +125,10 @@ class ModelPickerDialog(QDialog):
         self.browse_button = QPushButton("Browse…")
         self.browse_button.setToolTip("Add a folder that holds config.json and *.safetensors")
         self.browse_button.clicked.connect(self.browse)
+        self.download_button = QPushButton("Download…")
+        self.download_button.setToolTip("Download a model from Hugging Face into its cache")
+        self.download_button.clicked.connect(self.open_download)
+        self.download_dialog = None
         self.refresh_button = QPushButton("Refresh")
         self.refresh_button.clicked.connect(self.refresh)
         self.cancel_button = QPushButton("Cancel loading")
@@ -139,6 +143,7 @@ class ModelPickerDialog(QDialog):
 
         buttons = QHBoxLayout()
         buttons.addWidget(self.browse_button)
+        buttons.addWidget(self.download_button)
         buttons.addWidget(self.refresh_button)
         buttons.addStretch(1)
         buttons.addWidget(self.cancel_button)
@@ -172,6 +177,19 @@ class ModelPickerDialog(QDialog):
         folder = QFileDialog.getExistingDirectory(self, "Choose a model folder (with config.json)")
         if folder:
             self.add_folder(folder)
+
+    def open_download(self):
+        """The Hugging Face download dialog; a finished download is listed and selected here."""
+        from app.download_dialog import DownloadDialog
+
+        self.download_dialog = DownloadDialog(self.client.downloads, self)
+        self.download_dialog.downloaded.connect(self._on_downloaded)
+        self.download_dialog.open()
+        return self.download_dialog
+
+    def _on_downloaded(self, repo_id: str, _folder: str) -> None:
+        self._select_source = repo_id
+        self.refresh()
 
     def add_folder(self, folder: str) -> None:
         """Remember a folder and list it; its row is selected (and its problem shown) when it arrives."""

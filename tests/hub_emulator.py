@@ -44,6 +44,7 @@ class HubEmulator:
         self.gated: set[str] = set()     # answered 403 GatedRepo
         self.token = "hf_test_token"
         self.throttle: tuple[int, float] | None = None  # (bytes per write, seconds between writes)
+        self.hold = False  # True: file content stops flowing (after the first write) until it is False again
         self.bytes_served = 0
         self.requests: list[tuple[str, str, str]] = []  # (method, path, Range header)
         self._lock = threading.Lock()
@@ -66,12 +67,23 @@ class HubEmulator:
         target.mkdir(parents=True, exist_ok=True)
         return target
 
+    def point_hf_at(self, monkeypatch) -> None:
+        """HF_ENDPOINT at this server, also in huggingface_hub's constants (read once at import; the URL
+        template must agree with ENDPOINT, or hf_hub_url keeps huggingface.co). No token from the machine."""
+        import huggingface_hub.constants as constants
+
+        monkeypatch.setenv("HF_ENDPOINT", self.url)
+        monkeypatch.setattr(constants, "ENDPOINT", self.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", self.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
+
     def __enter__(self) -> HubEmulator:
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.throttle = None
+        self.throttle, self.hold = None, False
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
@@ -198,6 +210,8 @@ class HubEmulator:
                             hub.bytes_served += len(piece)
                         if pause and hub.throttle:
                             time.sleep(pause)
+                        while hub.hold and i + step < len(data):
+                            time.sleep(0.01)
                 except (BrokenPipeError, ConnectionResetError):  # the client cancelled
                     self.close_connection = True
 

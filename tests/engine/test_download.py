@@ -32,15 +32,9 @@ def hf_cache(tmp_path, monkeypatch):
 @pytest.fixture
 def hub(tmp_path, monkeypatch, hf_cache, tiny_model):
     """The emulator serving the tiny model as tiny-org/tiny-moe; HF_ENDPOINT points at it."""
-    import huggingface_hub.constants as constants
-
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
     with HubEmulator(tmp_path / "served") as hub:
         hub.add_repo("tiny-org/tiny-moe", tiny_model)
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        monkeypatch.setattr(constants, "ENDPOINT", hub.url)  # frozen at import too, and kept consistent:
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+        hub.point_hf_at(monkeypatch)
         yield hub
 
 
