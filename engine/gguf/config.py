@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..errors import ModelError
 from .reader import GGUFModel
 
@@ -28,7 +30,8 @@ EXTRA_KEYS = {
     "olmoe": {**_COMMON, "expert_count": "num_experts", "expert_used_count": "num_experts_per_tok"},
     "mixtral": {**_COMMON, "rope.dimension_count": "head_dim", "expert_count": "num_local_experts",
                 "expert_used_count": "num_experts_per_tok"},
-    "gpt_oss": {"expert_feed_forward_length": "intermediate_size", "attention.key_length": "head_dim"},
+    "gpt_oss": {"expert_feed_forward_length": "intermediate_size", "attention.key_length": "head_dim",
+                "attention.sliding_window": "sliding_window"},
 }
 
 
@@ -54,16 +57,16 @@ def config_dict(gguf: GGUFModel) -> dict:
     prefix = gguf.architecture + "."
     for key, value in gguf.metadata.items():
         name = keys.get(key[len(prefix):]) if key.startswith(prefix) else None
-        if name:  # None and -1 in transformers' mapping mean "not a config field"
-            out[name] = value
+        if name and name != -1:  # None and -1 in transformers' mapping mean "not a config field"
+            out[name] = float(str(np.float32(value))) if isinstance(value, float) else value  # 1e-05, not 9.99e-06
     if "vocab_size" not in out and "tokenizer.ggml.tokens" in gguf.metadata:
         out["vocab_size"] = len(gguf.metadata["tokenizer.ggml.tokens"])
     if "vocab_size" not in out and "token_embd.weight" in gguf.tensors:
         out["vocab_size"] = int(gguf.tensors["token_embd.weight"].shape[-1])
     out["tie_word_embeddings"] = "output.weight" not in gguf.tensors
-    for token in ("bos", "eos", "pad"):
-        if f"tokenizer.ggml.{token}_token_id" in gguf.metadata:
-            out[f"{token}_token_id"] = gguf.metadata[f"tokenizer.ggml.{token}_token_id"]
+    for key, name in (("bos", "bos"), ("eos", "eos"), ("padding", "pad")):
+        if f"tokenizer.ggml.{key}_token_id" in gguf.metadata:
+            out[f"{name}_token_id"] = gguf.metadata[f"tokenizer.ggml.{key}_token_id"]
     if hf_type == "gpt_oss":
         out.update(_gpt_oss(gguf, out))
     if hf_type in ("qwen2_moe", "qwen3_moe"):
@@ -82,7 +85,10 @@ def _gpt_oss(gguf: GGUFModel, out: dict) -> dict:
     prefix = gguf.architecture + ".rope.scaling."
     scaling = {k[len(prefix):]: v for k, v in gguf.metadata.items() if k.startswith(prefix)}
     if scaling.get("type"):
-        rope = {"rope_type": scaling.pop("type"), "rope_theta": out.get("rope_theta", 150000.0)}
+        from transformers import GptOssConfig
+
+        rope = dict(GptOssConfig().rope_parameters)  # beta_fast, beta_slow, truncate: not in GGUF files
+        rope.update(rope_type=scaling.pop("type"), rope_theta=out.get("rope_theta", rope.get("rope_theta")))
         for k, v in scaling.items():
             rope["original_max_position_embeddings" if k == "original_context_length" else k] = v
         extra["rope_parameters"] = rope

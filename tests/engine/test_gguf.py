@@ -55,6 +55,8 @@ def _tokenizer_kv(writer, folder: Path) -> None:
 def _add(writer, name: str, w: np.ndarray, qtype) -> None:
     if w.ndim < 2 or qtype in (Q.F32,) or w.shape[-1] % 32:
         writer.add_tensor(name, w.astype(np.float32))
+    elif qtype == Q.F16:
+        writer.add_tensor(name, w.astype(np.float16))
     elif qtype == Q.Q4_K and w.shape[-1] % 256:
         writer.add_tensor(name, w.astype(np.float32))
     elif qtype == Q.Q4_K:
@@ -141,7 +143,8 @@ def write_gguf(folder: Path, out: Path, qtype=Q.F32, experts_qtype=None, split_m
         if key.endswith("shared_expert_gate.weight"):
             w = w.reshape(-1)
         full = name + ("." + suffix if suffix in ("weight", "bias") else "")
-        _add(writer, full, w, qtype if ("token_embd" not in full and "output." not in full) else Q.F32)
+        dense_type = Q.BF16 if qtype == Q.BF16 else Q.F32  # llama.cpp keeps embeddings and output at 16/32 bits
+        _add(writer, full, w, qtype if ("token_embd" not in full and "output." not in full) else dense_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -168,12 +171,23 @@ def test_f32_gguf_matches_safetensors(arch, tiny_model_factory, tmp_path):
     got = load_model(file, experts="auto", **KW)
     assert got.experts == "source" and got.info.num_experts == 8
     assert greedy(got, PROMPT) == greedy(ref, PROMPT)
+    with torch.no_grad():  # the config read back is the folder's: same logits, not just the same argmax
+        diff = (got.model(torch.tensor([PROMPT])).logits - ref.model(torch.tensor([PROMPT])).logits).abs().max()
+    assert diff < 1e-4
     text = "Mixture of experts models route each token"
     assert got.tokenizer(text)["input_ids"] == ref.tokenizer(text)["input_ids"]
     chat = [{"role": "user", "content": "Hello!"}]
     assert got.info.has_chat_template and got.tokenizer.eos_token == ref.tokenizer.eos_token
     assert (got.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
             == ref.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
+
+
+def test_bf16_gguf_matches_the_bf16_folder(tiny_model_factory, tmp_path):
+    folder = tiny_model_factory("qwen3_moe", dtype=torch.bfloat16)
+    file = write_gguf(folder, tmp_path / "bf16.gguf", Q.BF16)
+    got = load_model(file, experts="auto", **KW)
+    assert got.info.dtype == "bfloat16" and got.experts == "source"
+    assert greedy(got, PROMPT) == greedy(load_model(folder, experts="source", **KW), PROMPT)
 
 
 def _reference_experts(file: Path, layer: int) -> dict[str, torch.Tensor]:
