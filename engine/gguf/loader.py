@@ -79,11 +79,11 @@ class GGUFModelInfo(ModelInfo):
         return self.expert_bytes - matrices * esize + matrices // 2 + matrices // 32 * 8
 
 
-def inspect_gguf(source):
-    """`ModelInfo` of a GGUF model, without reading its tensor data."""
+def inspect_gguf(source, gguf: GGUFModel | None = None) -> GGUFModelInfo:
+    """`ModelInfo` of a GGUF model, without reading its tensor data (`gguf`: the model already opened)."""
     from ..model.loader import _expert_matrices, _kv_bytes_per_token, _top_k
 
-    gguf = open_model(source)
+    gguf = gguf or open_model(source)
     dtype = model_dtype(gguf)
     meta, config = _build(gguf, dtype)
     names = gt.weight_map(meta, gguf)
@@ -203,8 +203,8 @@ def load_gguf(source, *, device: str = "auto", budget=0.25, policy: str = "lru",
 
     report = progress or (lambda f, m: None)
     report(0.0, "checking files")
-    info = inspect_gguf(source)
     gguf = open_model(source)
+    info = inspect_gguf(source, gguf)
     dev = pick_device(device)
     if experts == "auto" and info.num_moe_layers:
         experts = _auto_experts(info, gguf, dev.type, check_memory)

@@ -221,6 +221,18 @@ def test_q4_0_experts_are_the_engines_int4_exactly(tiny_model_factory, tmp_path)
     assert greedy(slots, PROMPT) == greedy(loaded, PROMPT)  # the cache never changes tokens
 
 
+def test_q4_0_int4_with_float32_activations_computes_the_files_values(tiny_model_factory, tmp_path, monkeypatch):
+    """With float32 activations the int4 kernel computes exactly what float32 experts holding the Q4_0
+    values compute (bfloat16 activations, the engine's other choice, round the scales to 8 bits)."""
+    file = write_gguf(tiny_model_factory("mixtral"), tmp_path / "q4_0.gguf", Q.F32, experts_qtype=Q.Q4_0)
+    exact = load_model(file, experts="source", **KW)  # float32: Q4_0's values exactly
+    monkeypatch.setenv("MOE_CHAT_CPU_MATMUL", "int4-fp32")
+    int4 = load_model(file, experts="int4", **KW)
+    with torch.no_grad():
+        a, b = (m.model(torch.tensor([PROMPT])).logits for m in (exact, int4))
+    assert (a - b).abs().max() < 1e-5
+
+
 def test_q8_0_experts_are_the_engines_int8_of_the_same_values(tiny_model_factory, tmp_path):
     """Q8_0 has a scale per 32 values, the engine's int8 one per output channel: the values are re-rounded
     (not bit-exact), but they are exactly the engine's int8 of the Q8_0 values, within half a step."""
