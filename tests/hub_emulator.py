@@ -69,14 +69,17 @@ class HubEmulator:
 
     def point_hf_at(self, monkeypatch) -> None:
         """HF_ENDPOINT at this server, also in huggingface_hub's constants (read once at import; the URL
-        template must agree with ENDPOINT, or hf_hub_url keeps huggingface.co). No token from the machine."""
+        template must agree with ENDPOINT, or hf_hub_url keeps huggingface.co). No token of this machine is sent."""
         import huggingface_hub.constants as constants
 
         monkeypatch.setenv("HF_ENDPOINT", self.url)
         monkeypatch.setattr(constants, "ENDPOINT", self.url)
         monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", self.url + "/{repo_id}/resolve/{revision}/{filename}")
         monkeypatch.delenv("HF_TOKEN", raising=False)
-        monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
+        home = self.root.parent / "hf-home"  # no saved token of this machine, no registry file in ~/.cache
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+        monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+        monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(home / "agent_harnesses.json"))
 
     def __enter__(self) -> HubEmulator:
         self._thread.start()

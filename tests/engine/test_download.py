@@ -151,3 +151,14 @@ def test_network_down_and_disk_full_get_messages(hub, monkeypatch):
         dl.list_repo("tiny-org/tiny-moe")
     full = dl._explain(OSError(errno.ENOSPC, "No space left on device"), "a/b")
     assert "disk is full" in str(full) and "continue" in full.hint
+
+
+def test_a_gguf_variant_downloads_only_its_files(hub):
+    hub.add_repo("gg/model-GGUF", files={"README.md": b"readme", "m-Q4_K_M.gguf": b"q" * 400,
+                                          "m-Q8_0-00001-of-00002.gguf": b"a" * 500, "m-Q8_0-00002-of-00002.gguf": b"b" * 300})
+    plan = dl.plan_download(dl.list_repo("gg/model-GGUF"), "m-Q8_0.gguf")
+    folder = dl.download(plan)
+    assert sorted(p.name for p in folder.iterdir()) == ["m-Q8_0-00001-of-00002.gguf", "m-Q8_0-00002-of-00002.gguf"]
+    assert hub.bytes_served == 800
+    with pytest.raises(dl.DownloadError, match="no variant"):
+        dl.plan_download(dl.list_repo("gg/model-GGUF"), "m-Q2.gguf")
