@@ -1,4 +1,4 @@
-"""Download a model from the Hugging Face Hub into the standard HF cache (Model ▸ Download…).
+"""Download a model from the Hugging Face Hub into the standard HF cache (the model picker's Download… button).
 
 The user types a repo id or pastes a huggingface.co URL and presses "List files"; the dialog shows the
 variants (each GGUF file or split set, or the safetensors set) with their sizes and whether they fit the

@@ -737,7 +737,7 @@ class EngineClient(QObject):
 
 
 # -- downloads from the Hugging Face Hub ---------------------------------------------------------------
-# An explicit user action (Model ▸ Download…), and the only code in the app that touches the network.
+# An explicit user action (the model picker's Download… button), and the only code in the app that touches the network.
 # Each listing and download runs on a Python thread of its own, not on the model's worker thread, so
 # chatting goes on meanwhile. engine.model.download is torch-free, so importing it here costs little.
 DOWNLOAD_PROGRESS_GAP_S = 0.1

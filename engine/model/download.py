@@ -20,7 +20,7 @@ import re
 import shutil
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -109,8 +109,7 @@ class Progress:
     total_bytes: int
     files_done: int
     files_total: int
-    current: str = ""
-    extra: dict = field(default_factory=dict)
+    current: str = ""  # the file being fetched
 
 
 # -- naming ---------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Model ▸ Download…: list a Hub repo, download it with progress, cancel and resume, against a loopback Hub."""
+"""The picker's Download… button: list a Hub repo, download with progress, cancel and resume, on a loopback Hub."""
 
 from __future__ import annotations
 
