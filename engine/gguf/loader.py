@@ -22,7 +22,7 @@ from .tokenizer import has_tokenizer, load_tokenizer
 def model_dtype(gguf: GGUFModel) -> torch.dtype:
     """The dtype weights are dequantized to: the float type of the file's dense matrices when they all
     share one (the experts are held in their own format), else (quantized dense layers) bfloat16."""
-    dense = [t.tensor_type for n, t in gguf.tensors.items() if len(t.shape) > 1 and "_exps." not in n]
+    dense = [t.tensor_type for n, t in gguf.tensors.items() if len(t.shape) > 1 and not gt.is_expert_tensor(n)]
     floats = {gt.FLOAT_TYPES.get(t) for t in dense}
     return floats.pop() if len(floats) == 1 and None not in floats else torch.bfloat16
 
@@ -60,7 +60,7 @@ def _build(gguf: GGUFModel, dtype: torch.dtype):
 
 def expert_type(gguf: GGUFModel) -> int | None:
     """The GGML type of the experts (the most common one over their tensors), None without experts."""
-    types = [t.tensor_type for n, t in gguf.tensors.items() if "_exps.weight" in n]
+    types = [t.tensor_type for n, t in gguf.tensors.items() if gt.is_expert_tensor(n) and n.endswith(".weight")]
     return max(set(types), key=types.count) if types else None
 
 
@@ -88,7 +88,7 @@ def inspect_gguf(source, gguf: GGUFModel | None = None) -> GGUFModelInfo:
     meta, config = _build(gguf, dtype)
     names = gt.weight_map(meta, gguf)
     params = dict(meta.named_parameters())
-    missing = [n for n in params if n not in names or any(g not in gguf.tensors for g in names[n])]
+    missing = [n for n in params if n not in names or any(g.format(e=0) not in gguf.tensors for g in names[n])]
     if missing:
         raise ModelError(f"{gguf.files[0].name} lacks {len(missing)} of the model's tensors ({', '.join(missing[:3])}"
                          f"{'…' if len(missing) > 3 else ''}); the file is incomplete or of an unusual variant")

@@ -10,6 +10,8 @@ dequantized and re-quantized (int8 per output channel, or int4), or dequantized 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
@@ -19,6 +21,17 @@ from .reader import GGUFModel, as_array
 
 FLOAT_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # GGML type -> torch dtype
 Q4_0, Q4_K = 2, 12
+EXPERT_TENSOR = re.compile(r"\.ffn_(gate|up|down)(_exps|\.\d+)\.(weight|bias)$")  # stacked, or one per expert
+
+
+def is_expert_tensor(name: str) -> bool:
+    return EXPERT_TENSOR.search(name) is not None
+
+
+def tensor(gguf: GGUFModel, name: str, expert: int = 0):
+    """A tensor by name; `{e}` in the name stands for the expert (llama.cpp's Mixtral files before
+    April 2024 hold one tensor per expert, `blk.N.ffn_gate.E.weight`, not stacked `ffn_gate_exps`)."""
+    return gguf.tensors[name.format(e=expert)]
 
 
 def ggml_type_name(t: int) -> str:
@@ -47,8 +60,10 @@ def weight_map(meta_model, gguf: GGUFModel) -> dict[str, list[str]]:
         raise ModelError(f"{gguf.files[0].name}: {e}") from None
     out: dict[str, list[str]] = {}
     for g, hf in to_hf.items():
-        if not g.endswith((".weight", ".bias")) and g + ".weight" in gguf.tensors:
+        if not g.endswith((".weight", ".bias")) and "_exps" in g:
             g += ".weight"  # the stacked experts are mapped without their suffix
+        if "_exps." in g and g not in gguf.tensors and g.replace("_exps.", ".0.") in gguf.tensors:
+            g = g.replace("_exps.", ".{e}.")  # one tensor per expert
         out.setdefault(hf, []).append(g)
     for hf, names in out.items():
         names.sort(key=lambda n: 1 if "_up_exps" in n else 0)  # gate first
@@ -93,13 +108,14 @@ def dense_tensor(gguf: GGUFModel, names: list[str], shape: tuple, dtype: torch.d
 def expert_rows(gguf: GGUFModel, names: list[str], expert: int, interleaved: bool) -> tuple[np.ndarray, int]:
     """One expert's matrix [out, in] as raw GGUF rows (values or quantized blocks) and their GGML type;
     gate and up stacked (or interleaved row by row, GPT-OSS) into one matrix."""
-    parts = [gguf.tensors[n] for n in names]
+    parts = [tensor(gguf, n, expert) for n in names]
     types = {p.tensor_type for p in parts}
+    pick = [(lambda a: a) if "{e}" in n else (lambda a: a[expert]) for n in names]
     if len(types) != 1:  # gate and up quantized differently: meet in float32
-        rows = [dequantized(p)[expert] for p in parts]
+        rows = [f(dequantized(p)) for f, p in zip(pick, parts)]
         kind = 0
     else:
-        rows = [as_array(p)[expert] for p in parts]
+        rows = [f(as_array(p)) for f, p in zip(pick, parts)]
         kind = parts[0].tensor_type
     if len(rows) == 1:
         return rows[0], kind

@@ -76,9 +76,11 @@ def _random_q4_k(w: np.ndarray) -> np.ndarray:
     return out.reshape(*w.shape[:-1], w.shape[-1] // 256 * 144)
 
 
-def write_gguf(folder: Path, out: Path, qtype=Q.F32, experts_qtype=None, split_max_tensors: int = 0) -> Path:
+def write_gguf(folder: Path, out: Path, qtype=Q.F32, experts_qtype=None, split_max_tensors: int = 0,
+               per_expert: bool = False) -> Path:
     """A GGUF of the tiny model in `folder`, as llama.cpp's converter lays it out: stacked experts
-    `ffn_{gate,up,down}_exps`, Q/K permuted for llama; 2-D tensors in `qtype` (experts in `experts_qtype`)."""
+    `ffn_{gate,up,down}_exps` (`per_expert`: `ffn_gate.E`, as Mixtral files before April 2024), Q/K permuted
+    for llama; 2-D tensors in `qtype` (experts in `experts_qtype`)."""
     config, state = _hf_state(folder)
     arch = GGUF_ARCH[config.model_type]
     n = config.num_hidden_layers
@@ -113,6 +115,11 @@ def write_gguf(folder: Path, out: Path, qtype=Q.F32, experts_qtype=None, split_m
         writer.add_uint32(f"{arch}.rope.scaling.original_context_length", rope["original_max_position_embeddings"])
     _tokenizer_kv(writer, folder)
     eq = experts_qtype if experts_qtype is not None else qtype
+    add = _add
+    if per_expert:
+        def add(writer, name, w, qtype):
+            for e in range(w.shape[0]):
+                _add(writer, name.replace("_exps.", f".{e}."), np.ascontiguousarray(w[e]), qtype)
     for key, w in state.items():
         base, _, suffix = key.rpartition(".")
         if ".experts." in key:
@@ -131,10 +138,10 @@ def write_gguf(folder: Path, out: Path, qtype=Q.F32, experts_qtype=None, split_m
                     writer.add_tensor(stem + "down_exps.bias", w.copy())
             elif key.endswith("gate_up_proj"):  # [E, 2*ff, hidden], gate first
                 ff = w.shape[1] // 2
-                _add(writer, stem + "gate_exps.weight", w[:, :ff].copy(), eq)
-                _add(writer, stem + "up_exps.weight", w[:, ff:].copy(), eq)
+                add(writer, stem + "gate_exps.weight", w[:, :ff].copy(), eq)
+                add(writer, stem + "up_exps.weight", w[:, ff:].copy(), eq)
             else:
-                _add(writer, stem + "down_exps.weight", w, eq)
+                add(writer, stem + "down_exps.weight", w, eq)
             continue
         name = names.get_name(base if suffix in ("weight", "bias") else key)
         assert name is not None, key
@@ -180,6 +187,18 @@ def test_f32_gguf_matches_safetensors(arch, tiny_model_factory, tmp_path):
     assert got.info.has_chat_template and got.tokenizer.eos_token == ref.tokenizer.eos_token
     assert (got.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
             == ref.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
+
+
+def test_mixtral_with_one_tensor_per_expert(tiny_model_factory, tmp_path):
+    """Mixtral GGUFs converted before llama.cpp stacked the experts hold `blk.N.ffn_gate.E.weight`."""
+    folder = tiny_model_factory("mixtral")
+    file = write_gguf(folder, tmp_path / "old.gguf", Q.F32, experts_qtype=Q.Q4_0, per_expert=True)
+    assert "blk.0.ffn_gate.7.weight" in {t.name for t in gguf.GGUFReader(file).tensors}
+    stacked = write_gguf(folder, tmp_path / "new.gguf", Q.F32, experts_qtype=Q.Q4_0)
+    old, new = (load_model(f, experts="auto", **KW) for f in (file, stacked))
+    assert old.experts == "int4" and old.info.quant == "Q4_0"
+    assert all(torch.equal(a, b) for a, b in zip(_held_experts(old, 2).values(), _held_experts(new, 2).values()))
+    assert greedy(old, PROMPT) == greedy(new, PROMPT)
 
 
 def test_bf16_gguf_matches_the_bf16_folder(tiny_model_factory, tmp_path):
