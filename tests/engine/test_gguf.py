@@ -366,3 +366,25 @@ def test_q4_0_memory_estimate_counts_its_float32_scales(tiny_model_factory, tmp_
     module = [m for m in loaded.model.modules() if is_experts_module(m)][0]
     held = sum(t.numel() * t.element_size() for t in expert_tensors(module).values())
     assert info.expert_bytes_in("int4") * info.num_experts == held
+
+
+@pytest.mark.parametrize("qtype, nbytes, scale_at", [(Q.Q5_K, 176, (0, 2)), (Q.Q6_K, 210, (208,))])
+def test_other_k_quants_are_re_quantized_at_a_bounded_cost(qtype, nbytes, scale_at):
+    """Q5_K and Q6_K have no engine twin: dequantized with the gguf package, then the engine's int8
+    (within half a per-channel step of the file's values) or int4 (within half a group step)."""
+    from engine.gguf.tensors import expert_matrix
+
+    rng = np.random.default_rng(1)
+    rows = rng.integers(0, 256, size=(32 * 2, nbytes), dtype=np.uint8)  # 32 rows of 512 values
+    for off in scale_at:
+        rows[:, off:off + 2] = np.full((len(rows), 1), 1e-3, dtype=np.float16).view(np.uint8)
+    rows = rows.reshape(32, 2 * nbytes)
+    ref = torch.from_numpy(np.array(gguf.quants.dequantize(rows, qtype)))
+    q, s = expert_matrix(rows, qtype, "int8", torch.float32)
+    err8 = (dequantize(q, s, "int8") - ref).abs()
+    assert (err8 <= ref.abs().amax(dim=1, keepdim=True) / 127 * 0.51 + 1e-7).all()
+    q, s = expert_matrix(rows, qtype, "int4", torch.float32)
+    err4 = (dequantize(q, s, "int4") - ref).abs()
+    groups = ref.view(32, -1, 128)
+    step = ((groups.amax(-1) - groups.amin(-1)) / 15).repeat_interleave(128, dim=1)
+    assert (err4 <= step * 0.51 + 1e-3 * step.max()).all() and err4.max() > err8.max()
