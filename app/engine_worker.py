@@ -644,6 +644,7 @@ class EngineClient(QObject):
         self.stats.connect(lambda s: setattr(self, "last_stats", s))
         self.budget_applied.connect(self._remember_budget)
         self.policy_applied.connect(self._remember_policy)
+        self.downloads = HubDownloads(self)  # listings and downloads: threads of their own
         self.server_url: str | None = None
         self.server_changed.connect(lambda s: setattr(self, "server_url", s.get("url")))
         self._started = False
@@ -712,6 +713,7 @@ class EngineClient(QObject):
 
     def shutdown(self, timeout_ms: int = 2000) -> bool:
         """Stop everything and join the worker thread; True when it ended in time."""
+        self.downloads.cancel_all()  # a partial file is kept: the next download continues it
         if not self._started:
             return True
         self.worker.stop()
@@ -858,13 +860,3 @@ def _download_message(exc: BaseException) -> str:
     traceback.print_exception(exc)
     return f"Downloading failed: {type(exc).__name__}: {exc}"
 
-
-def _client_downloads(self: EngineClient) -> HubDownloads:
-    """The client's one HubDownloads, made when first asked for (most sessions never download)."""
-    downloads = getattr(self, "_hub_downloads", None)
-    if downloads is None:
-        downloads = self._hub_downloads = HubDownloads(self)
-    return downloads
-
-
-EngineClient.downloads = property(_client_downloads)  # appended here, so the client's body stays as it is

@@ -571,6 +571,7 @@ class MainWindow(QMainWindow):
         budget = self.settings.value(Key.BUDGET_SHARE)
         self.picker = ModelPickerDialog(self.client, self.settings, budget, self)
         self.picker.finished.connect(self._on_picker_closed)
+        self.picker.remote_requested.connect(self.open_remote_dialog)
         self.picker.open()
         return self.picker
 

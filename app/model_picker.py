@@ -6,7 +6,7 @@ bad folder in place while the current model keeps running.
 
 from __future__ import annotations
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -67,6 +67,8 @@ def describe_cached(model: dict, budget_share: float) -> str:
 
 
 class ModelPickerDialog(QDialog):
+    remote_requested = Signal()  # "Connect to a server…": the window opens that dialog in this one's place
+
     def __init__(self, client: EngineClient, settings: Settings, budget_share: float = 0.0,
                  parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -129,6 +131,10 @@ class ModelPickerDialog(QDialog):
         self.download_button.setToolTip("Download a model from Hugging Face into its cache")
         self.download_button.clicked.connect(self.open_download)
         self.download_dialog = None
+        self.remote_button = QPushButton("Connect to a server…")
+        self.remote_button.setToolTip("Chat with a model on an OpenAI-compatible server (vLLM, SGLang, llama.cpp, "
+                                      "Ollama, LM Studio)")
+        self.remote_button.clicked.connect(lambda: (self.reject(), self.remote_requested.emit()))
         self.refresh_button = QPushButton("Refresh")
         self.refresh_button.clicked.connect(self.refresh)
         self.cancel_button = QPushButton("Cancel loading")
@@ -144,6 +150,7 @@ class ModelPickerDialog(QDialog):
         buttons = QHBoxLayout()
         buttons.addWidget(self.browse_button)
         buttons.addWidget(self.download_button)
+        buttons.addWidget(self.remote_button)
         buttons.addWidget(self.refresh_button)
         buttons.addStretch(1)
         buttons.addWidget(self.cancel_button)

@@ -39,7 +39,13 @@ def serve(tiny_model):
 
 
 def connect(qtbot, window, url: str, key: str):
-    dialog = window.open_remote_dialog()
+    """Through the model picker's "Connect to a server…", as a user finds it."""
+    from app.remote_dialog import RemoteDialog
+
+    picker = window.open_model_picker()
+    picker.remote_button.click()
+    qtbot.waitUntil(lambda: window.findChild(RemoteDialog) is not None and window.findChild(RemoteDialog).isVisible())
+    dialog = window.findChild(RemoteDialog)
     dialog.url.setCurrentText(url)
     dialog.key.setText(key)
     with qtbot.waitSignal(window.client.remote_models_listed, timeout=20_000):
