@@ -78,6 +78,18 @@ class GGUFModelInfo(ModelInfo):
         matrices = sum(o * i for o, i in self.expert_matrices)
         return self.expert_bytes - matrices * esize + matrices // 2 + matrices // 32 * 8
 
+    def native_format(self, device: str = "cpu") -> str:
+        """The engine format nearest the file's experts (Q4 -> int4, Q5/Q6/Q8 -> int8, floats -> source);
+        int8 for int4 on a GPU (the int4 kernel is the CPU's)."""
+        fmt = gt.native_format(gt.type_by_name(self.quant)) if self.quant else "source"
+        return "int8" if fmt == "int4" and device != "cpu" else fmt
+
+    def auto_format(self, device: str = "cpu") -> str | None:
+        """The native format, or a smaller one where it does not fit the free RAM; None if none fits."""
+        fits = self.formats(device)
+        later = FORMATS[FORMATS.index(self.native_format(device)):]
+        return next((fmt for fmt in later if fits[fmt]["fits_ram"]), None)
+
 
 def inspect_gguf(source, gguf: GGUFModel | None = None) -> GGUFModelInfo:
     """`ModelInfo` of a GGUF model, without reading its tensor data (`gguf`: the model already opened)."""
@@ -123,20 +135,6 @@ def inspect_gguf(source, gguf: GGUFModel | None = None) -> GGUFModelInfo:
     )
 
 
-def _auto_experts(info, gguf: GGUFModel, device: str, check_memory: bool) -> str:
-    """`auto` for a GGUF: the engine format nearest the file's experts (Q4 -> int4, Q8/Q5/Q6 -> int8),
-    int8 for int4 on a GPU (the int4 kernel is the CPU's), a smaller one if that does not fit the RAM."""
-    etype = expert_type(gguf)
-    fmt = gt.native_format(etype) if etype is not None else "source"
-    if fmt == "int4" and device != "cpu":
-        fmt = "int8"
-    if check_memory:
-        fits = info.formats(device)
-        later = FORMATS[FORMATS.index(fmt):]
-        fmt = next((f for f in later if fits[f]["fits_ram"]), fmt)
-    return fmt
-
-
 def _fill(model, gguf: GGUFModel, config, fmt: str, dtype: torch.dtype, report, cancel) -> None:
     """Every parameter from its GGUF tensors; experts held in `fmt`, each expert converted on its own."""
     names = gt.weight_map(model, gguf)
@@ -145,7 +143,8 @@ def _fill(model, gguf: GGUFModel, config, fmt: str, dtype: torch.dtype, report, 
     for i, (name, p) in enumerate(items):
         if cancel is not None and cancel.is_set():
             raise Cancelled("loading was cancelled")
-        report(i / max(1, len(items)), f"reading weights ({i}/{len(items)})")
+        if i % max(1, len(items) // 50) == 0:
+            report(i / max(1, len(items)), f"reading weights ({i}/{len(items)})")
         path, _, attr = name.rpartition(".")
         module = model.get_submodule(path)
         if not p.is_meta:
@@ -206,8 +205,8 @@ def load_gguf(source, *, device: str = "auto", budget=0.25, policy: str = "lru",
     gguf = open_model(source)
     info = inspect_gguf(source, gguf)
     dev = pick_device(device)
-    if experts == "auto" and info.num_moe_layers:
-        experts = _auto_experts(info, gguf, dev.type, check_memory)
+    if experts == "auto" and info.num_moe_layers:  # resolved here: `choose_formats` would pick source
+        experts = (info.auto_format(dev.type) if check_memory else info.native_format(dev.type)) or "auto"
     experts, dense = choose_formats(info, dev.type, experts, dense, check_memory)
     if check_memory:
         _check_memory(info, dev, experts, dense)

@@ -40,6 +40,12 @@ def ggml_type_name(t: int) -> str:
     return GGMLQuantizationType(t).name
 
 
+def type_by_name(name: str) -> int:
+    from gguf import GGMLQuantizationType
+
+    return int(GGMLQuantizationType[name])
+
+
 def native_format(ggml_type: int) -> str:
     """The engine format closest to a GGML type: source for floats, int4 for 4 bits and fewer, else int8."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType

@@ -361,7 +361,8 @@ def test_folder_of_gguf_files(small_gguf, tmp_path):
 def test_q4_0_memory_estimate_counts_its_float32_scales(tiny_model_factory, tmp_path):
     file = write_gguf(tiny_model_factory("qwen3_moe"), tmp_path / "q4.gguf", Q.F32, experts_qtype=Q.Q4_0)
     info = inspect_model(file)
-    assert info.quant == "Q4_0"
+    assert info.quant == "Q4_0" and info.to_dict()["auto_experts"] == "int4"  # the model picker's choice
+    assert info.native_format("cuda") == "int8"  # the int4 kernel is the CPU's
     loaded = load_model(file, experts="int4", **KW)
     module = [m for m in loaded.model.modules() if is_experts_module(m)][0]
     held = sum(t.numel() * t.element_size() for t in expert_tensors(module).values())
