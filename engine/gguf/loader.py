@@ -96,6 +96,7 @@ def inspect_gguf(source, gguf: GGUFModel | None = None) -> GGUFModelInfo:
     from ..model.loader import _expert_matrices, _kv_bytes_per_token, _top_k
 
     gguf = gguf or open_model(source)
+    gt.check_types(gguf)
     dtype = model_dtype(gguf)
     meta, config = _build(gguf, dtype)
     names = gt.weight_map(meta, gguf)

@@ -46,6 +46,18 @@ def type_by_name(name: str) -> int:
     return int(GGMLQuantizationType[name])
 
 
+def check_types(gguf: GGUFModel) -> None:
+    """Every tensor is of a type the gguf package can dequantize (else a ModelError naming one)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import _type_traits
+
+    for name, t in gguf.tensors.items():
+        if t.tensor_type not in FLOAT_TYPES and t.tensor_type not in _type_traits:
+            raise ModelError(f"{gguf.files[0].name}: tensor {name!r} is of GGML type "
+                             f"{GGMLQuantizationType(t.tensor_type).name}, which the installed gguf package cannot "
+                             "dequantize; update gguf (pip install -U gguf) or pick another quantization")
+
+
 def native_format(ggml_type: int) -> str:
     """The engine format closest to a GGML type: source for floats, int4 for 4 bits and fewer, else int8."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType

@@ -320,6 +320,17 @@ def test_unknown_tensor_type_is_named(small_gguf, tmp_path):
         inspect_model(file)
 
 
+def test_type_the_gguf_package_cannot_dequantize_is_named(small_gguf, tmp_path):
+    file = _copy(small_gguf, tmp_path / "q8_1.gguf")
+    reader = gguf.GGUFReader(file, "r+")
+    big = next(t for t in reader.tensors if t.tensor_type == Q.F32 and len(t.shape) == 2)
+    big.field.parts[4][0] = Q.Q8_1  # known to ggml, but only as an activation type: no dequantizer
+    reader.data.flush()
+    del reader
+    with pytest.raises(ModelError, match=f"{big.name}.*Q8_1"):
+        inspect_model(file)
+
+
 def test_split_file_with_a_missing_part_is_named(tiny_model_factory, tmp_path):
     write_gguf(tiny_model_factory("qwen3_moe"), tmp_path / "split.gguf", split_max_tensors=12)
     parts = sorted(tmp_path.glob("split-*.gguf"))
