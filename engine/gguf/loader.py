@@ -175,16 +175,19 @@ def _fill_experts(module, attr: str, gguf_names: list[str], gguf: GGUFModel, fmt
             module.__dict__.setdefault("_moe_tensors", {})[attr] = bias
         return
     interleaved = module.is_transposed  # GPT-OSS: gate and up alternate, stored [in, out]
-    mats = [gt.expert_matrix(*gt.expert_rows(gguf, gguf_names, e, interleaved), fmt, dtype)
-            for e in range(param.shape[0])]
+    stacks: list[torch.Tensor] = []  # filled expert by expert: one layer's experts are never held twice
+    for e in range(param.shape[0]):
+        mat = gt.expert_matrix(*gt.expert_rows(gguf, gguf_names, e, interleaved), fmt, dtype)
+        parts = [mat.T if module.is_transposed else mat] if fmt == "source" else list(mat)
+        if not stacks:
+            stacks = [torch.empty((param.shape[0], *p.shape), dtype=p.dtype) for p in parts]
+        for stack, part in zip(stacks, parts):
+            stack[e] = part
     if fmt == "source":
-        stack = torch.stack(mats)
-        stack = stack.transpose(1, 2) if module.is_transposed else stack
-        module._parameters[attr] = torch.nn.Parameter(stack.contiguous().reshape(param.shape), requires_grad=False)
+        module._parameters[attr] = torch.nn.Parameter(stacks[0].reshape(param.shape), requires_grad=False)
         return
     tensors = module.__dict__.setdefault("_moe_tensors", {})
-    tensors[attr + ".q"] = torch.stack([q for q, _ in mats])
-    tensors[attr + ".scale"] = torch.stack([s for _, s in mats])
+    tensors[attr + ".q"], tensors[attr + ".scale"] = stacks
     module._moe_format = fmt
     module._parameters[attr] = meta_like(param)
 
