@@ -157,6 +157,7 @@ def _fill(model, gguf: GGUFModel, config, fmt: str, dtype: torch.dtype, report, 
         else:
             value = gt.dense_tensor(gguf, names[name], tuple(p.shape), dtype, cfg)
             module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+        gguf.release_pages()
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
 

@@ -3,6 +3,8 @@ reader, after the checks that turn a damaged or incomplete download into a messa
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,14 @@ class GGUFModel:
     files: list[Path]
     metadata: dict
     tensors: dict = field(default_factory=dict)  # name -> gguf.ReaderTensor (data memory-mapped)
+    maps: list = field(default_factory=list)  # the files' mmap objects
+
+    def release_pages(self) -> None:
+        """Drop the pages read so far from this process (they stay in the page cache): without this, a
+        load's resident memory would hold the file next to the converted weights."""
+        for m in self.maps:
+            with contextlib.suppress(AttributeError, OSError, ValueError):
+                m.madvise(mmap.MADV_DONTNEED)
 
     @property
     def architecture(self) -> str:
@@ -114,6 +124,8 @@ def open_model(source) -> GGUFModel:
         reader = _open(file)
         if i == 0:
             model.metadata = {k: _value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        if getattr(reader.data, "_mmap", None) is not None:
+            model.maps.append(reader.data._mmap)
         size = file.stat().st_size
         for t in reader.tensors:
             if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
