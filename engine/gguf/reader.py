@@ -42,9 +42,23 @@ class GGUFModel:
         return self.metadata.get(f"{self.architecture}.{key}", self.metadata.get(key, default))
 
 
-def is_gguf(source) -> bool:
-    """A path to a .gguf file, or a folder holding .gguf files and no config.json."""
+def local_path(source) -> Path:
+    """The path itself, or for a model id the snapshot folder in the local Hugging Face cache (a GGUF
+    repository downloaded there; never downloads)."""
     path = Path(source).expanduser()
+    if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(source), local_files_only=True))
+    except Exception:  # not in the cache: the safetensors loader says so
+        return path
+
+
+def is_gguf(source) -> bool:
+    """A path to a .gguf file, or a folder (or cached model id) holding .gguf files and no config.json."""
+    path = local_path(source)
     if path.suffix.lower() == ".gguf":
         return True
     return path.is_dir() and not (path / "config.json").exists() and any(path.glob("*.gguf"))
@@ -52,7 +66,7 @@ def is_gguf(source) -> bool:
 
 def model_files(source) -> list[Path]:
     """The file(s) of one GGUF model: all parts of a split one, in order, each checked to be there."""
-    path = Path(source).expanduser()
+    path = local_path(source)
     if path.is_dir():
         candidates = sorted(p for p in path.glob("*.gguf") if not p.name.lower().startswith(AUXILIARY))
         firsts = [p for p in candidates if not SPLIT_NAME.match(p.name) or SPLIT_NAME.match(p.name)["no"] == "00001"]

@@ -369,6 +369,20 @@ def test_folder_of_gguf_files(small_gguf, tmp_path):
         inspect_model(folder)
 
 
+def test_gguf_repo_in_the_hugging_face_cache_loads_by_its_id(small_gguf, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf
+
+    snapshot = tmp_path / "hub" / "models--someone--Tiny-MoE-GGUF" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    _copy(small_gguf, snapshot / "tiny-Q8_0.gguf")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    info = inspect_model("someone/Tiny-MoE-GGUF")
+    assert info.path == str(snapshot / "tiny-Q8_0.gguf") and info.num_experts == 8
+
+
 def test_q4_0_memory_estimate_counts_its_float32_scales(tiny_model_factory, tmp_path):
     file = write_gguf(tiny_model_factory("qwen3_moe"), tmp_path / "q4.gguf", Q.F32, experts_qtype=Q.Q4_0)
     info = inspect_model(file)
