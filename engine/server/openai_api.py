@@ -212,11 +212,19 @@ def create_app(engine: JobBoard, api_key: str | None = None) -> FastAPI:
 
     async def sse(job: Job, stream: _Stream, prompt_tokens: int, chunk, include_usage: bool) -> AsyncIterator[str]:
         """`chunk(text, finish_reason)` builds one event's JSON; the engine is cancelled if the client
-        leaves (the response task is cancelled, so `finally` runs)."""
+        leaves (the response task is cancelled, so `finally` runs). Pieces that arrived while the last
+        chunk was written go out as one: the loop never falls behind the engine."""
+        pending = None
         try:
             while True:
-                kind, value = await stream.events.get()
+                kind, value = pending or await stream.events.get()
+                pending = None
                 if kind == "text":
+                    while not stream.events.empty():
+                        pending = stream.events.get_nowait()
+                        if pending[0] != "text":
+                            break
+                        value, pending = value + pending[1], None
                     yield f"data: {json.dumps(chunk(value, None))}\n\n"
                 elif kind == "done":
                     yield f"data: {json.dumps(chunk(None, FINISH.get(value.get('finish_reason'), 'stop')))}\n\n"

@@ -1,10 +1,13 @@
 """What the HTTP server costs per token: the same greedy generation streamed through the API on a
-loopback port and run in-process, in one process, rounds alternating; the best of each is kept."""
+loopback port and run in-process, rounds alternating; the best of each is kept. The client is a
+process of its own, as editors and agents are: in this one it would take the GIL from the engine."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import subprocess
+import sys
 import time
 
 from ..model.loader import LoadedModel
@@ -15,7 +18,14 @@ from .serve import ServerThread
 
 
 def _streamed(port: int, prompt: list[int], new_tokens: int) -> tuple[float, int]:
-    """Seconds from sending the request to `[DONE]`, and the text chunks received."""
+    """Seconds from sending the request to `[DONE]`, and the text chunks received (client process)."""
+    out = subprocess.run([sys.executable, "-m", "engine.server.overhead", str(port), json.dumps(prompt),
+                          str(new_tokens)], capture_output=True, text=True, check=True, timeout=600)
+    elapsed, chunks = json.loads(out.stdout)
+    return elapsed, chunks
+
+
+def _client(port: int, prompt: list[int], new_tokens: int) -> tuple[float, int]:
     body = json.dumps({"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True})
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     t = time.perf_counter()
@@ -63,3 +73,7 @@ def server_overhead(loaded: LoadedModel, new_tokens: int = 64, rounds: int = 3) 
     tokens = engine.last_stats.get("new_tokens", new_tokens)
     return {"new_tokens": tokens, "text_chunks": chunks, "api_tokens_per_s": tokens / api_s,
             "in_process_tokens_per_s": tokens / direct_s, "ratio": direct_s / api_s}
+
+
+if __name__ == "__main__":  # the client side of `_streamed`
+    print(json.dumps(_client(int(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3]))))
