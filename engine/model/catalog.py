@@ -111,16 +111,25 @@ def hf_cache_models() -> list[tuple[str, str]]:
 
 
 def list_models(extra_dirs: Iterable[str] = ()) -> list[dict]:
-    """Demo model first, then the Hugging Face cache (named by repo id), then the user's folders."""
+    """Demo model first, then the Hugging Face cache (named by repo id), LM Studio's and GPT4All's GGUF
+    files, then the user's folders; a folder of GGUF files gives one entry per model."""
+    from ..gguf.catalog import app_folders, gguf_models, model_sources
     from ..paths import DEMO_MODEL_DIR
 
     entries = []
     if (DEMO_MODEL_DIR / "config.json").exists():
         entries.append(_entry(str(DEMO_MODEL_DIR), "demo", "MoE Chat demo model"))
     for repo_id, snapshot in hf_cache_models():
-        entries.append(_entry(repo_id, "hf-cache", repo_id, snapshot))
+        sources = model_sources(snapshot)
+        if sources == [snapshot]:
+            entries.append(_entry(repo_id, "hf-cache", repo_id, snapshot))
+        else:  # a GGUF repo: each downloaded variant
+            entries += [_entry(s, "hf-cache", f"{repo_id}/{Path(s).name}") for s in sources]
+    for origin, folder in app_folders():
+        entries += [_entry(str(f), origin) for f in gguf_models(folder)]
     seen = {e.get("path") for e in entries}
     for folder in extra_dirs:
-        if str(Path(folder).expanduser()) not in seen:
-            entries.append(_entry(str(Path(folder).expanduser()), "folder"))
+        for source in model_sources(folder):
+            if source not in seen:
+                entries.append(_entry(source, "folder"))
     return entries

@@ -39,3 +39,22 @@ def test_user_folder_offers_each_gguf_model_or_itself(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert model_sources(empty) == [str(empty)]  # the loader says why it cannot load it
+
+
+def test_list_models_shows_lmstudio_gguf_with_its_quant(tmp_path, monkeypatch, tiny_model_factory):
+    from test_gguf import Q, write_gguf
+
+    from engine.model.catalog import list_models
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    lm = tmp_path / "home" / ".lmstudio" / "models" / "tiny" / "Tiny-MoE-GGUF"
+    lm.mkdir(parents=True)
+    file = write_gguf(tiny_model_factory("qwen3_moe"), lm / "tiny-moe-Q4_0.gguf", Q.F32, experts_qtype=Q.Q4_0)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    other = write_gguf(tiny_model_factory("olmoe"), mine / "olmoe-Q8_0.gguf", Q.F32, experts_qtype=Q.Q8_0)
+    entries = {e["source"]: e for e in list_models([str(mine)])}
+    lmstudio, folder = entries[str(file)], entries[str(other)]
+    assert lmstudio["origin"] == "lmstudio" and lmstudio["error"] is None
+    assert lmstudio["quant"] == "Q4_0" and lmstudio["auto_experts"] == "int4" and lmstudio["disk_bytes"] > 0
+    assert folder["origin"] == "folder" and folder["quant"] == "Q8_0" and folder["model_type"] == "olmoe"
