@@ -29,11 +29,13 @@ DEFAULT_PROMPTS = [
 
 
 def fingerprint(info) -> str:
-    """Changes when the model's config or weights change (cheap: config text + weight file sizes)."""
+    """Changes when the model's config or weights change (cheap: config text + weight file sizes). A GGUF
+    file (`info.path` is the file) keeps its config inside, so its name and size stand for both."""
     path = Path(info.path)
-    h = hashlib.sha1((path / "config.json").read_bytes())
+    folder = path if path.is_dir() else path.parent
+    h = hashlib.sha1((path / "config.json").read_bytes() if path.is_dir() else path.name.encode())
     for name in info.weight_files:
-        h.update(f"{name}:{(path / name).stat().st_size}".encode())
+        h.update(f"{name}:{(folder / name).stat().st_size}".encode())
     return h.hexdigest()[:12]
 
 

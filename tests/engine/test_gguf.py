@@ -414,3 +414,20 @@ def test_other_k_quants_are_re_quantized_at_a_bounded_cost(qtype, nbytes, scale_
     groups = ref.view(32, -1, 128)
     step = ((groups.amax(-1) - groups.amin(-1)) / 15).repeat_interleave(128, dim=1)
     assert (err4 <= step * 0.51 + 1e-3 * step.max()).all() and err4.max() > err8.max()
+
+
+def test_a_profile_can_be_saved_for_a_gguf_and_follows_the_file(tiny_model_factory, tmp_path):
+    import numpy as np
+
+    from engine.cache.profiles import fingerprint, save_profile
+    from engine.model.loader import inspect_model
+
+    out = tmp_path / "m.gguf"
+    write_gguf(tiny_model_factory("qwen3_moe"), out)
+    info = inspect_model(out)
+    path = save_profile(info, np.ones((info.num_moe_layers, info.num_experts)), tokens=4, prompts=1)
+    before = fingerprint(info)
+    assert path.is_file() and before in path.name
+    with open(out, "ab") as f:  # a changed file is another model
+        f.write(b"\0" * 64)
+    assert fingerprint(info) != before
