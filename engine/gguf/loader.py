@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import Cancelled, ModelError
-from ..model.loader import ModelInfo
+from ..model.loader import ModelInfo, meta_sizes
 from ..moe.interface import EXPERTS_IMPLEMENTATION, expert_tensor_names, is_experts_module
-from ..moe.quantize import FORMATS, dense_linears, meta_like
+from ..moe.quantize import FORMATS, meta_like
 from . import tensors as gt
 from .config import config_dict, make_config
 from .reader import GGUFModel, open_model
@@ -93,7 +93,6 @@ class GGUFModelInfo(ModelInfo):
 
 def inspect_gguf(source, gguf: GGUFModel | None = None) -> GGUFModelInfo:
     """`ModelInfo` of a GGUF model, without reading its tensor data (`gguf`: the model already opened)."""
-    from ..model.loader import _expert_matrices, _kv_bytes_per_token, _top_k
 
     gguf = gguf or open_model(source)
     gt.check_types(gguf)
@@ -105,33 +104,17 @@ def inspect_gguf(source, gguf: GGUFModel | None = None) -> GGUFModelInfo:
     if missing:
         raise ModelError(f"{gguf.files[0].name} lacks {len(missing)} of the model's tensors ({', '.join(missing[:3])}"
                          f"{'…' if len(missing) > 3 else ''}); the file is incomplete or of an unusual variant")
-    experts = [m for m in meta.modules() if is_experts_module(m)]
-    esize = torch.tensor([], dtype=dtype).element_size()
-    total = sum(p.numel() for p in params.values())
-    expert_params = sum(getattr(m, n).numel() for m in experts for n in expert_tensor_names(m))
-    num_experts = int(getattr(experts[0], expert_tensor_names(experts[0])[0]).shape[0]) if experts else 0
     etype = expert_type(gguf)
     return GGUFModelInfo(
         name=gguf.files[0].name.removesuffix(".gguf"),
         path=str(gguf.files[0]),
-        model_type=config.model_type,
         architecture=(getattr(config, "architectures", None) or [type(meta).__name__])[0],
         num_layers=int(config.num_hidden_layers),
-        num_moe_layers=len(experts),
-        num_experts=num_experts,
-        top_k=_top_k(config) if experts else 0,
-        total_params=int(total),
-        expert_bytes=int(expert_params // max(1, num_experts * len(experts)) * esize),
-        expert_bytes_total=int(expert_params * esize),
-        dense_bytes=int((total - expert_params) * esize),
         disk_bytes=sum(f.stat().st_size for f in gguf.files),
-        dtype=str(dtype).replace("torch.", ""),
         has_tokenizer=has_tokenizer(gguf),
         has_chat_template=bool(gguf.metadata.get("tokenizer.chat_template")),
-        kv_bytes_per_token=_kv_bytes_per_token(config, dtype),
         weight_files=[f.name for f in gguf.files],
-        expert_matrices=_expert_matrices(experts[0]) if experts else [],
-        dense_linears=[[m.out_features, m.in_features] for _, _, m in dense_linears(meta)],
+        **meta_sizes(meta, config, dtype),
         quant=gt.ggml_type_name(etype) if etype is not None else "",
     )
 

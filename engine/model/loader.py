@@ -522,13 +522,9 @@ def inspect_model(source: str | os.PathLike, *, trust_remote_code: bool | None =
     _check_expert_shapes(headers)
     _check_shapes(meta, headers)
     _check_expert_layers(meta, headers)
-    experts = [m for m in meta.modules() if is_experts_module(m)]
-    esize = torch.tensor([], dtype=dtype).element_size()
-    total = sum(p.numel() for p in meta.parameters())
-    expert_params = sum(getattr(m, n).numel() for m in experts for n in expert_tensor_names(m))
-    num_experts = int(getattr(experts[0], expert_tensor_names(experts[0])[0]).shape[0]) if experts else 0
-    if experts:
-        _check_top_k(path, config, num_experts)
+    sizes = meta_sizes(meta, config, dtype)
+    if sizes["num_moe_layers"]:
+        _check_top_k(path, config, sizes["num_experts"])
     has_tok = any((path / f).exists() for f in TOKENIZER_FILES)
     chat_template = (path / "chat_template.jinja").exists() or (path / "chat_template.json").exists()
     tok_cfg = path / "tokenizer_config.json"
@@ -540,24 +536,13 @@ def inspect_model(source: str | os.PathLike, *, trust_remote_code: bool | None =
     return ModelInfo(
         name=_display_name(path),
         path=str(path),
-        model_type=config.model_type,
         architecture=(getattr(config, "architectures", None) or [cls.__name__])[0],
         num_layers=int(getattr(config.get_text_config(), "num_hidden_layers", 0)),
-        num_moe_layers=len(experts),
-        num_experts=num_experts,
-        top_k=_top_k(config) if experts else 0,
-        total_params=int(total),
-        expert_bytes=int(expert_params // max(1, num_experts * len(experts)) * esize),
-        expert_bytes_total=int(expert_params * esize),
-        dense_bytes=int((total - expert_params) * esize),
         disk_bytes=sum(p.stat().st_size for p in path.iterdir() if p.is_file()),
-        dtype=str(dtype).replace("torch.", ""),
         has_tokenizer=has_tok,
         has_chat_template=chat_template,
-        kv_bytes_per_token=_kv_bytes_per_token(config, dtype),
         weight_files=[f.name for f in files],
-        expert_matrices=_expert_matrices(experts[0]) if experts else [],
-        dense_linears=[[m.out_features, m.in_features] for _, _, m in dense_linears(meta)],
+        **sizes,
         ships_code=ships_code(raw),
         runs_own_code=ships_code(raw) and trust_remote_code,
         code_note=code_note(path, raw, trust_remote_code),
@@ -922,6 +907,29 @@ def _check_memory(info: ModelInfo, dev: torch.device, experts: str, dense: str) 
                 f"{info.name}'s dense weights and KV cache need about {need['fast_device_bytes'] / 2**30:.1f} GiB "
                 f"of GPU memory but only {free / 2**30:.1f} GiB is free; use --device cpu or a smaller model"
             )
+
+
+def meta_sizes(meta: torch.nn.Module, config, dtype: torch.dtype) -> dict:
+    """The ModelInfo fields read off a model built on the meta device (safetensors folders and GGUF alike)."""
+    experts = [m for m in meta.modules() if is_experts_module(m)]
+    esize = torch.tensor([], dtype=dtype).element_size()
+    total = sum(p.numel() for p in meta.parameters())
+    expert_params = sum(getattr(m, n).numel() for m in experts for n in expert_tensor_names(m))
+    num_experts = int(getattr(experts[0], expert_tensor_names(experts[0])[0]).shape[0]) if experts else 0
+    return dict(
+        model_type=config.model_type,
+        num_moe_layers=len(experts),
+        num_experts=num_experts,
+        top_k=_top_k(config) if experts else 0,
+        total_params=int(total),
+        expert_bytes=int(expert_params // max(1, num_experts * len(experts)) * esize),
+        expert_bytes_total=int(expert_params * esize),
+        dense_bytes=int((total - expert_params) * esize),
+        dtype=str(dtype).replace("torch.", ""),
+        kv_bytes_per_token=_kv_bytes_per_token(config, dtype),
+        expert_matrices=_expert_matrices(experts[0]) if experts else [],
+        dense_linears=[[m.out_features, m.in_features] for _, _, m in dense_linears(meta)],
+    )
 
 
 @_unreadable_named
