@@ -41,6 +41,20 @@ def tiny_model(tiny_model_factory) -> Path:
     return tiny_model_factory("qwen3_moe")
 
 
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache; huggingface_hub froze its path at import, in several modules."""
+    import huggingface_hub.constants as constants
+    import huggingface_hub.utils._cache_manager as cache_manager  # holds its own copy of the path
+
+    folder = tmp_path / "hf-cache"
+    folder.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(folder))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(folder))
+    monkeypatch.setattr(cache_manager, "HF_HUB_CACHE", str(folder))
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def _user_data(tmp_path, monkeypatch):
     """Profiles and other user data go to a fresh temp folder, never the real home."""

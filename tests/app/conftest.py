@@ -27,17 +27,9 @@ def app_data_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def hf_cache(tmp_path, monkeypatch):
-    """An empty Hugging Face cache per test, so the model picker never scans the real one."""
-    import huggingface_hub.constants as constants
-    import huggingface_hub.utils._cache_manager as cache_manager  # holds its own copy of the path
-
-    folder = tmp_path / "hf-cache"
-    folder.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(folder))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(folder))
-    monkeypatch.setattr(cache_manager, "HF_HUB_CACHE", str(folder))
-    return folder
+def hf_cache(hf_cache):
+    """Every app test gets the empty Hugging Face cache, so the model picker never scans the real one."""
+    return hf_cache
 
 
 @pytest.fixture(autouse=True)

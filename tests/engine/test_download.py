@@ -16,20 +16,6 @@ from hub_emulator import HubEmulator
 
 
 @pytest.fixture
-def hf_cache(tmp_path, monkeypatch):
-    """An empty HF cache per test; huggingface_hub froze the path at import, in several modules."""
-    import huggingface_hub.constants as constants
-    import huggingface_hub.utils._cache_manager as cache_manager
-
-    folder = tmp_path / "hf-cache"
-    folder.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(folder))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(folder))
-    monkeypatch.setattr(cache_manager, "HF_HUB_CACHE", str(folder))
-    return folder
-
-
-@pytest.fixture
 def hub(tmp_path, monkeypatch, hf_cache, tiny_model):
     """The emulator serving the tiny model as tiny-org/tiny-moe; HF_ENDPOINT points at it."""
     with HubEmulator(tmp_path / "served") as hub:
