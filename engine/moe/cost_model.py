@@ -86,22 +86,6 @@ def calibrate_cpu(weight: torch.Tensor) -> tuple[float, float]:
     return nbytes / max(t1, 1e-9), 2 * 64 * w.numel() / max(t64, 1e-9)
 
 
-def one_row_thread_speedup(weight: torch.Tensor) -> float:
-    """How much faster a one-token matmul of this expert matrix runs on all of torch's threads than on
-    one. MKL keeps small one-row products on one core (about 1.0 here); big ones may use them all."""
-    threads = torch.get_num_threads()
-    w = weight.detach()
-    w = w.reshape(w.shape[0], -1) if w.dim() != 2 else w
-    one = torch.randn(1, w.shape[-1], dtype=w.dtype)
-    many = _best_time(lambda: one @ w.T)
-    torch.set_num_threads(1)
-    try:
-        single = _best_time(lambda: one @ w.T)
-    finally:
-        torch.set_num_threads(threads)
-    return single / max(many, 1e-9)
-
-
 def calibrate_cuda(weight: torch.Tensor, device: torch.device) -> DeviceProfile:
     """Measure host->device bandwidth and device matmul speed on a real expert matrix."""
     w = weight.detach()

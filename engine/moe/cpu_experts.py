@@ -3,7 +3,8 @@
 Two choices are made here by measuring this machine at load, never by a winner from another one:
 whether a decode step's experts are split over the cores (MKL runs a one-token matmul on one core
 whatever the thread count, so the others would idle), and which CPU backend computes them (torch or
-numpy, see `expert_math`).
+numpy, or the int8/int4 kernels' activation dtype, see `expert_math`). They are remembered per machine
+and weight shape (`kernel_choices`), so later loads skip the measurement.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .cost_model import one_row_thread_speedup
 from .cpu_split import SplitRunner, split_linears
 from .expert_math import CPU_BACKENDS, ExpertWeights, expert_ffn, expert_ffn_combined
 from .interface import expert_tensors
+from .kernel_choices import remembered
 
 MAX_SPLIT_WAYS = 8  # past about 8 cores a desktop's memory bandwidth is spent; more ways only add hand-overs
 
@@ -31,20 +32,26 @@ class CpuExperts:
         self.modules = modules
         self.weights = [ExpertWeights(m, expert_tensors(m)) for m in modules]
         first = modules[0]
-        w = self.weights[0].probe_matrix()
         self.threads = torch.get_num_threads()
-        # big matrices on many cores may be better left to MKL's own threads: measured, not assumed
-        self.split: SplitRunner | None = None
-        if self.threads > 1 and one_row_thread_speedup(w) < 1.3:
-            self.split = SplitRunner(workers=min(self.threads, MAX_SPLIT_WAYS) - 1)
-        # with everything on the CPU, a decode step's large one-row matmuls split over the cores as well
-        self.split_linears = split_linears(model, self.split) if self.split is not None and simulated_cache else []
         self.format = self.weights[0].format
         self.backend = self.weights[0].backend
         choices = self.weights[0].cpu_backends()
         pinned = os.environ.get("MOE_CHAT_CPU_MATMUL", "auto")
-        if len(choices) > 1:
-            self.use_backend(pinned if pinned in choices else self._fastest_backend(choices))
+        choices = [pinned] if pinned in choices else choices
+        ways = min(self.threads, MAX_SPLIT_WAYS)
+        self.split: SplitRunner | None = None
+        self.choice, self.remembered = {"backend": choices[0] if choices else self.backend, "split": False}, False
+        if choices and (len(choices) > 1 or ways > 1):
+            shape = {"format": self.format, "dtype": str(self.weights[0].w1.dtype).removeprefix("torch."),
+                     "matrices": self.weights[0].matrices(), "experts": len(self.weights[0].mats1),
+                     "candidates": choices}
+            self.choice, self.remembered = remembered("cpu-experts", shape, lambda: self._measure(choices, ways))
+        if self.choice["split"]:
+            self.split = SplitRunner(workers=ways - 1)
+        if self.choice["backend"] != self.backend:
+            self.use_backend(self.choice["backend"])
+        # with everything on the CPU, a decode step's large one-row matmuls split over the cores as well
+        self.split_linears = split_linears(model, self.split) if self.split is not None and simulated_cache else []
         # decode on the CPU with unbiased float32 source experts: the fused weighted sum of
         # `expert_ffn_combined`. Not for quantized ones: their bfloat16 activations would turn its other
         # summation order into other tokens than forced slots give, and the cache must never change them.
@@ -61,10 +68,11 @@ class CpuExperts:
             w.use_backend(name)
         self.backend = self.weights[0].backend
 
-    def _fastest_backend(self, choices: list[str]) -> str:
-        """Time a decode step's CPU experts with each backend, as decode runs them (split, one intra-op
-        thread), over up to 64 MiB of experts so that they come from memory, not cache; pick the fastest
-        (the default, first, unless another is 5% faster)."""
+    def _measure(self, choices: list[str], ways: int) -> dict:
+        """Time a decode step's CPU experts with each backend, split over `ways` cores and not (the
+        hand-off to the split's threads is part of what is timed), as decode runs them, over up to
+        64 MiB of experts so that they come from memory, not cache. The default (first backend, split)
+        is kept unless another is 5% faster."""
         num_experts = len(self.weights[0].mats1)
         top_k = min(4, num_experts)
         expert_bytes = self.weights[0].w1[0].nbytes + self.weights[0].w2[0].nbytes
@@ -73,24 +81,36 @@ class CpuExperts:
         groups = groups[:max(1, 64 * 2**20 // (top_k * expert_bytes))]
         x = torch.randn(1, self.weights[0].probe_matrix().shape[1])
         gates = [1.0 / top_k] * top_k
-        def seconds(backend: str, part: list) -> float:
-            self.use_backend(backend)
-            t = time.perf_counter()
-            for m, w, experts in part:
-                expert_ffn_combined(m, x, experts, gates, w, self.split)
-            return time.perf_counter() - t
+        runner = SplitRunner(workers=ways - 1) if ways > 1 else None
+        candidates = [(b, split) for b in choices for split in ((True, False) if runner else (False,))]
 
-        with self.decode_threads():
-            # a first look at a few groups drops the backends that are far behind (a kernel's slow
+        def seconds(candidate: tuple[str, bool], part: list) -> float:
+            backend, split = candidate
+            self.split = runner if split else None
+            self.use_backend(backend)
+            with self.decode_threads():
+                t = time.perf_counter()
+                for m, w, experts in part:
+                    expert_ffn_combined(m, x, experts, gates, w, self.split)
+                return time.perf_counter() - t
+
+        try:
+            # a first look at a few groups drops the candidates that are far behind (a kernel's slow
             # fallback can be 10x off), so that loading does not spend seconds timing them
-            first = {name: min(seconds(name, groups[:4]) for _ in range(2)) for name in choices}
-            best = {name: float("inf") for name in choices if first[name] < 2 * min(first.values())}
+            first = {c: min(seconds(c, groups[:4]) for _ in range(2)) for c in candidates}
+            best = {c: float("inf") for c in candidates if first[c] < 2 * min(first.values())}
             for _ in range(3):
-                for backend in best:
-                    best[backend] = min(best[backend], seconds(backend, groups))
-        default = choices[0] if choices[0] in best else min(best, key=best.get)
+                for c in best:
+                    best[c] = min(best[c], seconds(c, groups))
+        finally:
+            self.split = None
+            if runner is not None:
+                runner.close()
+        default = candidates[0] if candidates[0] in best else min(best, key=best.get)
         fastest = min(best, key=best.get)
-        return fastest if best[fastest] < 0.95 * best[default] else default
+        backend, split = fastest if best[fastest] < 0.95 * best[default] else default
+        per_step = {f"{b}{' split' if s else ''}": round(t / len(groups) * 1e6, 1) for (b, s), t in best.items()}
+        return {"backend": backend, "split": split, "us_per_step": per_step}
 
     # -- threads -----------------------------------------------------------------------------------
     def begin_step(self, tokens: int) -> None:

@@ -75,6 +75,14 @@ class ExpertWeights:
             self.mats2 = [convert(m) for m in self.mats2]
         self.backend = name
 
+    def matrices(self) -> list[list[int]]:
+        """[out, in] of each of one expert's two matrices."""
+        if self.format == "source":
+            shapes = [list(w.shape[1:]) for w in (self.w1, self.w2)]
+            return [s[::-1] for s in shapes] if self.is_transposed else shapes
+        per_code = 2 if self.format == "int4" else 1
+        return [[w.shape[1], w.shape[2] * per_code] for w in (self.w1, self.w2)]
+
     def probe_matrix(self) -> torch.Tensor:
         """A float [out, in] matrix of expert 0's first shape, for the calibrations that time one-row
         products (quantized weights: a random stand-in of that shape; only its size matters there)."""

@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from .kernel_choices import remembered
+
 FORMATS = ("source", "int8", "int4")
 CHOICES = (*FORMATS, "auto")
 SCALE_DTYPE = torch.bfloat16
@@ -163,7 +165,8 @@ def dense_linears(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, to
 
 def quantize_dense(model: torch.nn.Module, fmt: str) -> int:
     """Replace the dense linear layers by `QuantLinear`s in `fmt`, one at a time; the activation dtype
-    is the faster one on the first layer (unless MOE_CHAT_CPU_MATMUL pins it). Returns how many."""
+    is the faster one on the first layer (measured once per machine and shape, unless
+    MOE_CHAT_CPU_MATMUL pins it). Returns how many."""
     pinned = os.environ.get("MOE_CHAT_CPU_MATMUL", "")  # e.g. int8-bf16: as for the experts
     act = pinned.removeprefix(fmt + "-") if pinned.removeprefix(fmt + "-") in ACTIVATIONS else None
     replaced = 0
@@ -171,7 +174,9 @@ def quantize_dense(model: torch.nn.Module, fmt: str) -> int:
         if fmt == "int4" and int4_group_size(linear.out_features, linear.in_features) is None:
             continue  # a layer the int4 kernel cannot take stays at the source precision
         quant = QuantLinear(linear, fmt)
-        act = act or fastest_activation(quant.q, quant.scale, fmt)
+        if act is None:
+            shape = {"format": fmt, "matrix": [linear.out_features, linear.in_features]}
+            act = remembered("dense", shape, lambda: {"act": fastest_activation(quant.q, quant.scale, fmt)})[0]["act"]
         quant.act = act
         setattr(parent, name, quant)
         replaced += 1

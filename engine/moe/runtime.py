@@ -129,6 +129,12 @@ class HybridRuntime:
         """The CPU experts' backend, "numpy" or "torch" (measured at load, see `CpuExperts`)."""
         return self.cpu.backend
 
+    @property
+    def kernel_choice(self) -> dict:
+        """The CPU experts' backend and split as measured at load, and whether remembered from before."""
+        return {**self.cpu.choice, "backend": self.cpu.backend, "split": self.cpu.split is not None,
+                "remembered": self.cpu.remembered}
+
     def set_cpu_matmul(self, backend: str) -> None:
         with self._step_lock:
             self.cpu.use_backend(backend)
@@ -187,6 +193,7 @@ class HybridRuntime:
             "device": str(self.device),
             "simulated_cache": self.simulated_cache,
             "experts": self.format,
+            "kernel_choice": self.kernel_choice,
             "policy": self.policy_name,
             "scope": self.cache.scope,
             "budget_bytes": self.budget_bytes,

@@ -82,7 +82,7 @@ def test_two_threads_split_decode_and_restore_the_thread_count(tiny_model_factor
     from engine.moe import cpu_experts
     from engine.moe.cpu_split import split_linears
 
-    monkeypatch.setattr(cpu_experts, "one_row_thread_speedup", lambda w: 1.0)  # as MKL measures on 2 cores here
+    monkeypatch.setattr(cpu_experts.CpuExperts, "_measure", lambda self, choices, ways: {"backend": choices[0], "split": True})
 
     path = tiny_model_factory("qwen3_moe")
     params = GenerationParams(max_new_tokens=6, greedy=True, repetition_penalty=1.0)
@@ -102,15 +102,15 @@ def test_two_threads_split_decode_and_restore_the_thread_count(tiny_model_factor
     assert all("forward" not in vars(m) for m in linears)
 
 
-def test_no_split_where_more_threads_speed_up_a_one_row_matmul(tiny_model_factory, monkeypatch):
+def test_no_split_where_the_measurement_says_so(tiny_model_factory, monkeypatch):
     import torch
 
     from engine import load_model
     from engine.moe import cpu_experts
 
-    monkeypatch.setattr(cpu_experts, "one_row_thread_speedup", lambda w: 1.8)  # MKL threads its GEMV: leave it be
+    monkeypatch.setattr(cpu_experts.CpuExperts, "_measure", lambda self, choices, ways: {"backend": choices[0], "split": False})
     try:
         loaded = load_model(tiny_model_factory("qwen3_moe"), device="cpu", threads=2, profile=None)
-        assert loaded.runtime.cpu.split is None
+        assert loaded.runtime.cpu.split is None and loaded.runtime.kernel_choice["split"] is False
     finally:
         torch.set_num_threads(1)
