@@ -91,7 +91,10 @@ class MessageWidget(QFrame):
         self.text = message.content
         self.dirty = False
 
-        self.role_label = QLabel(ROLE_NAMES.get(message.role, message.role))
+        role = ROLE_NAMES.get(message.role, message.role)
+        if "summary_of" in message.stats:  # the first message of a chat that goes on from another
+            role = f"Summary of “{message.stats.get('summary_of_title', 'an earlier chat')}”"
+        self.role_label = QLabel(role)
         self.role_label.setObjectName("messageRole")
         self.meta_label = ElidedLabel()  # shortens rather than widening the bubble
         self.meta_label.setObjectName("messageMeta")
@@ -255,6 +258,7 @@ class ChatView(QWidget):
     version_requested = Signal(int, int)
     edit_submitted = Signal(int, str)
     system_prompt_changed = Signal(str)
+    summary_requested = Signal()  # "New chat with a summary", offered when the context is full
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -292,6 +296,27 @@ class ChatView(QWidget):
         self.banner.setWordWrap(True)
         self.banner.setVisible(False)
         self.banner.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+
+        # what to do when the chat outgrew the context
+        self.context_offer = QFrame()
+        self.context_offer.setObjectName("contextOffer")
+        self.context_offer_label = QLabel()  # styled as an info banner, its choices beside it
+        self.context_offer_label.setObjectName("banner")
+        self.context_offer_label.setProperty("kind", "info")
+        self.context_offer_label.setWordWrap(True)
+        self.drop_button = QPushButton("Go on without the oldest turns")
+        self.drop_button.setToolTip("Keep chatting here; each reply leaves out the oldest messages that do not fit")
+        self.drop_button.clicked.connect(self.hide_context_offer)
+        self.summary_button = QPushButton("New chat with a summary")
+        self.summary_button.setToolTip("The model summarizes this chat; a new chat starts from the summary "
+                                       "and this one stays in the sidebar")
+        self.summary_button.clicked.connect(self.summary_requested)
+        offer = QHBoxLayout(self.context_offer)
+        offer.setContentsMargins(0, 0, 0, 0)
+        offer.addWidget(self.context_offer_label, 1)
+        offer.addWidget(self.drop_button)
+        offer.addWidget(self.summary_button)
+        self.context_offer.setVisible(False)
 
         # messages
         self.column = QWidget()
@@ -339,6 +364,7 @@ class ChatView(QWidget):
         layout.addLayout(header)
         layout.addWidget(self.system_edit)
         layout.addWidget(self.banner)
+        layout.addWidget(self.context_offer)
         layout.addWidget(self.scroll, 1)
         layout.addWidget(self.composer)
         layout.addWidget(self.hint)
@@ -427,6 +453,7 @@ class ChatView(QWidget):
 
     def set_generating(self, generating: bool) -> None:
         self.generating = generating
+        self.summary_button.setEnabled(not generating)
         self.send_button.setText("Stop" if generating else "Send")
         self.send_button.setProperty("stop", generating)
         _repolish(self.send_button)
@@ -448,6 +475,15 @@ class ChatView(QWidget):
 
     def hide_banner(self) -> None:
         self.banner.setVisible(False)
+
+    def show_context_offer(self, text: str) -> None:
+        """The chat outgrew the model's context: go on without the oldest turns, or a new chat from a summary."""
+        self.context_offer_label.setText(text + " Go on here without them, or start a new chat from a summary "
+                                                "of this one?")
+        self.context_offer.setVisible(True)
+
+    def hide_context_offer(self) -> None:
+        self.context_offer.setVisible(False)
 
     # composer ------------------------------------------------------------------------------
     def _on_submit(self) -> None:

@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS chat_settings (
 );
 """
 DEFAULT_TITLE = "New chat"
+CONTINUED = " (continued)"  # the title of a chat that goes on from a summary of another
 TABLES = ("conversations", "messages")  # in this order: a message needs its conversation
 MAX_PROBES = 100_000  # rowids looked up one by one past a damaged page, per table
 
@@ -191,6 +192,28 @@ class ConversationStore:
                 (title, system_prompt, now, now),
             )
         return Conversation(cur.lastrowid, title, system_prompt, now, now)
+
+    def start_from_summary(self, source_id: int, summary: str) -> Conversation | None:
+        """A new chat that goes on from a summary of `source_id`: its first message (role 'system', with
+        `summary_of` in its stats) holds the summary; the system prompt and chat settings carry over, and
+        the source stays as it was. All or nothing; None when the source is gone."""
+        source = self.conversation(source_id)
+        if source is None:
+            return None
+        title = source.title if source.title.endswith(CONTINUED) else source.title + CONTINUED
+        stats = {"summary_of": source_id, "summary_of_title": source.title}
+        now = time.time()
+        with self._db:
+            cid = self._db.execute(
+                "INSERT INTO conversations(title, system_prompt, created, updated) VALUES (?,?,?,?)",
+                (title, source.system_prompt, now, now),
+            ).lastrowid
+            self._db.execute(
+                "INSERT INTO messages(conversation_id, position, role, content, complete, stats, created)"
+                " VALUES (?, 0, 'system', ?, 1, ?, ?)", (cid, summary, json.dumps(stats), now))
+            self._db.execute("INSERT INTO chat_settings(conversation_id, settings) "
+                             "SELECT ?, settings FROM chat_settings WHERE conversation_id=?", (cid, source_id))
+        return Conversation(cid, title, source.system_prompt, now, now)
 
     def conversations(self) -> list[Conversation]:
         rows = self._db.execute("SELECT * FROM conversations ORDER BY updated DESC, id DESC")

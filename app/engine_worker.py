@@ -51,6 +51,21 @@ STATS_INTERVAL_MS = 200          # 5 updates a second, also while idle (memory)
 MIN_STATS_GAP_S = 0.1            # never more than 10 a second, whatever triggers them
 PROGRESS_GAP_S = 0.05
 Q = Qt.ConnectionType.QueuedConnection
+SUMMARY_MAX_TOKENS = 512         # a summary's budget; never more than a quarter of the context, so it fits a new chat
+SUMMARY_REQUEST = (
+    "Summarize our conversation so far for a new chat that will continue it: the topics, the facts and "
+    "decisions, and the open questions, in a few short paragraphs. Write only the summary."
+)
+
+
+def summary_messages(messages: list[dict]) -> list[dict]:
+    """The conversation with the request to summarize it as the last user turn. The session leaves out
+    the oldest turns that do not fit the context, never the system prompt or this request."""
+    out = [dict(m) for m in messages if m.get("content")]
+    if out and out[-1]["role"] == "user":  # two user turns in a row break some chat templates
+        out[-1]["content"] += "\n\n" + SUMMARY_REQUEST
+        return out
+    return out + [{"role": "user", "content": SUMMARY_REQUEST}]
 
 
 def demo_model_source() -> str | None:
@@ -82,6 +97,7 @@ class EngineWorker(QObject):
     model_unloaded = Signal()
     token = Signal(int, str)                   # request id, text
     reply_finished = Signal(int, object)       # request id, stats dict (finish_reason, tokens/s, ...)
+    summary_finished = Signal(int, str, object)  # request id, the summary's text, stats (as reply_finished)
     stats = Signal(object)                     # dict: runtime snapshot + rss + state, <= 10 a second
     budget_applied = Signal(object)            # bytes (an int; may pass 2**31)
     budget_refused = Signal(str)
@@ -99,6 +115,8 @@ class EngineWorker(QObject):
         self._state = "idle"
         self._gen: Iterator | None = None
         self._request = 0
+        self._kind = "reply"  # or "summary": what the tokens in progress are for
+        self._text = ""
         self._tokens = 0
         self._stepped = False
         self._cancel = threading.Event()
@@ -313,22 +331,35 @@ class EngineWorker(QObject):
     def generate(self, request_id: int, messages: list, params: dict) -> None:
         """Start a reply; tokens follow one per event-loop turn until the end or Stop. A reply asked for
         while a server request runs starts right after it."""
+        self._begin(request_id, messages, params, "reply")
+
+    @Slot(int, object, object)
+    def summarize(self, request_id: int, messages: list, params: dict) -> None:
+        """Summarize a conversation as a reply is written (tokens, Stop within one token), from as many
+        recent turns as fit the context; the whole text comes back in `summary_finished`."""
+        self._begin(request_id, summary_messages(messages), params, "summary")
+
+    def _begin(self, request_id: int, messages: list, params: dict, kind: str) -> None:
         if self._job_steps is not None:
-            self._waiting_chat = (request_id, messages, params)
+            self._waiting_chat = (request_id, messages, params, kind)
             return
         self._finish_generation(cancelled=True)
-        self._request = request_id
+        self._request, self._kind, self._text = request_id, kind, ""
         self._tokens = 0
         self._stepped = False
         if self._session is None:
-            self.reply_finished.emit(request_id, {"finish_reason": "error", "error": "No model is loaded."})
+            self._emit_done({"finish_reason": "error", "error": "No model is loaded."})
             return
         if self._loaded.tokenizer is None and not getattr(self._loaded, "remote", False):
-            self.reply_finished.emit(request_id, {
+            self._emit_done({
                 "finish_reason": "error",
                 "error": "This model folder has no tokenizer, so it cannot chat. Add tokenizer files or pick another model.",
             })
             return
+        if kind == "summary":
+            context = int(getattr(self._session, "context_length", 0) or 0)
+            budget = int(params.get("max_new_tokens") or SUMMARY_MAX_TOKENS)
+            params = {**params, "max_new_tokens": max(1, min(budget, context // 4)) if context else budget}
         self._cancel = threading.Event()
         if request_id <= self.stopped_through:
             self._cancel.set()
@@ -337,8 +368,15 @@ class EngineWorker(QObject):
         except BaseException as exc:  # noqa: BLE001
             self._fail_generation(exc)
             return
-        self._set_state("generating")
+        self._set_state("summarizing" if kind == "summary" else "generating")
         self._step_timer.start()
+
+    def _emit_done(self, stats: dict) -> None:
+        """The end of a reply or of a summary, each on its own signal."""
+        if self._kind == "summary":
+            self.summary_finished.emit(self._request, self._text, stats)
+        else:
+            self.reply_finished.emit(self._request, stats)
 
     @staticmethod
     def _params(params: dict):
@@ -367,6 +405,7 @@ class EngineWorker(QObject):
             self._finish_generation(cancelled=True)
             return
         self._tokens += 1
+        self._text += event.text
         self.token.emit(self._request, event.text)
         self._emit_stats()
 
@@ -391,7 +430,7 @@ class EngineWorker(QObject):
         if stats.get("finish_reason") == "length" and context:
             stats["context_full"] = stats.get("prompt_tokens", 0) + self._tokens >= context
         self._set_state("idle")
-        self.reply_finished.emit(self._request, stats)
+        self._emit_done(stats)
         self._emit_stats()
         self._schedule_job()
 
@@ -400,10 +439,11 @@ class EngineWorker(QObject):
             traceback.print_exc()
         self._gen = None
         self._step_timer.stop()
-        message = _user_message(exc, "Generating a reply")
+        message = _user_message(exc, "Writing the summary" if self._kind == "summary" else "Generating a reply")
         self._set_state("idle")
-        self.error.emit(message)
-        self.reply_finished.emit(self._request, {"finish_reason": "error", "error": message, "new_tokens": self._tokens})
+        if self._kind == "reply":  # a failed summary is reported by the window, with what it kept
+            self.error.emit(message)
+        self._emit_done({"finish_reason": "error", "error": message, "new_tokens": self._tokens})
         self._schedule_job()
 
     # -- the local server ------------------------------------------------------------------------
@@ -461,7 +501,7 @@ class EngineWorker(QObject):
             return
         if self._waiting_chat is not None:
             waiting, self._waiting_chat = self._waiting_chat, None
-            self.generate(*waiting)
+            self._begin(*waiting)
             return
         if not self._jobs or self._board is None:
             return
@@ -591,6 +631,7 @@ class EngineClient(QObject):
     model_unloaded = Signal()
     token = Signal(int, str)
     reply_finished = Signal(int, object)
+    summary_finished = Signal(int, str, object)
     stats = Signal(object)
     budget_applied = Signal(object)
     budget_refused = Signal(str)
@@ -604,6 +645,7 @@ class EngineClient(QObject):
     _req_teardown = Signal()
     _req_load = Signal(int, str, object, str)
     _req_generate = Signal(int, object, object)
+    _req_summarize = Signal(int, object, object)
     _req_budget = Signal(object)
     _req_policy = Signal(str)
     _req_list = Signal(object)
@@ -624,7 +666,7 @@ class EngineClient(QObject):
         self.worker.moveToThread(self._thread)
         slots = {
             "start": self.worker.start, "teardown": self.worker.teardown, "load": self.worker.load,
-            "generate": self.worker.generate, "budget": self.worker.set_budget,
+            "generate": self.worker.generate, "summarize": self.worker.summarize, "budget": self.worker.set_budget,
             "policy": self.worker.set_policy, "list": self.worker.list_models,
             "server_start": self.worker.start_server, "server_stop": self.worker.stop_server,
             "remote": self.worker.load_remote, "remote_list": self.worker.list_remote_models,
@@ -634,7 +676,7 @@ class EngineClient(QObject):
             getattr(self, f"_req_{name}").connect(slot, Q)
         for name in (
             "state_changed", "load_progress", "model_loaded", "load_failed", "model_unloaded", "token",
-            "reply_finished", "stats", "budget_applied", "budget_refused", "policy_applied",
+            "reply_finished", "summary_finished", "stats", "budget_applied", "budget_refused", "policy_applied",
             "models_listed", "error", "server_changed", "remote_models_listed",
         ):
             getattr(self.worker, name).connect(getattr(self, name), Q)
@@ -672,6 +714,14 @@ class EngineClient(QObject):
         self.worker.issued_request += 1
         request_id = self.worker.issued_request
         self._req_generate.emit(request_id, list(messages), dict(params))
+        return request_id
+
+    def summarize(self, messages: list[dict], params: dict, max_tokens: int = SUMMARY_MAX_TOKENS) -> int:
+        """Ask the model to summarize a conversation (at most `max_tokens`, and a quarter of its context);
+        answered by `token`s, then `summary_finished`. `stop()` ends it as it ends a reply."""
+        self.worker.issued_request += 1
+        request_id = self.worker.issued_request
+        self._req_summarize.emit(request_id, list(messages), {**params, "max_new_tokens": int(max_tokens)})
         return request_id
 
     def stop(self) -> None:

@@ -31,7 +31,7 @@ from app import APP_NAME, theme
 from app.budget_slider import BudgetBar
 from app.chat_view import ChatView
 from app.conversation_store import ConversationStore, Message
-from app.engine_worker import EngineClient, format_bytes
+from app.engine_worker import SUMMARY_MAX_TOKENS, EngineClient, format_bytes
 from app.model_picker import ModelPickerDialog
 from app.panels import PanelStack
 from app.paths import database_path
@@ -54,6 +54,14 @@ class ActiveReply:
     shown: int = 0  # which of them was shown: put back if the new reply fails before its first token
 
 
+@dataclass
+class SummaryJob:
+    """A summary being written for a new chat; nothing is stored until it is done."""
+    request_id: int
+    conversation_id: int
+    tokens: int = 0
+
+
 def reply_versions(message: Message) -> list[dict]:
     """Every version of a reply ({"content", "stats"}), the one shown included."""
     versions = message.stats.get("versions")
@@ -61,6 +69,13 @@ def reply_versions(message: Message) -> list[dict]:
         return list(versions)
     stats = {k: v for k, v in message.stats.items() if k not in ("versions", "version")}
     return [{"content": message.content, "stats": stats}]
+
+
+def summary_note(message: Message) -> str:
+    """A summary message as the model reads it: labelled, so it is taken as context, not as an instruction."""
+    title = message.stats.get("summary_of_title")
+    named = f" ({title})" if title else ""
+    return f"Summary of an earlier conversation{named}, which this one continues:\n{message.content}"
 
 
 def default_export_path(title: str, fmt: str) -> Path:
@@ -87,6 +102,7 @@ class MainWindow(QMainWindow):
         self.client = EngineClient(self)
         self.conversation_id: int | None = None
         self.active: ActiveReply | None = None
+        self.summary: SummaryJob | None = None
         self.picker: ModelPickerDialog | None = None
         self.last_error = ""
         self._closed = False
@@ -216,6 +232,7 @@ class MainWindow(QMainWindow):
         chat = menu.addMenu("&Chat")
         chat.addAction("Stop", QKeySequence("Esc"), self.stop)
         chat.addAction("Regenerate last reply", QKeySequence("Ctrl+R"), self.regenerate)
+        chat.addAction("New chat with a summary", QKeySequence("Ctrl+Shift+N"), self.summarize_to_new_chat)
         chat.addAction("Rename chat…", QKeySequence("F2"), lambda: self.sidebar.ask_rename(self.conversation_id))
         chat.addAction("Delete chat…", lambda: self.sidebar.ask_delete(self.conversation_id))
         chat.addSeparator()
@@ -237,6 +254,7 @@ class MainWindow(QMainWindow):
         c.model_unloaded.connect(lambda: self._on_model_info(None))
         c.token.connect(self._on_token)
         c.reply_finished.connect(self._on_reply_finished)
+        c.summary_finished.connect(self._on_summary_finished)
         c.stats.connect(self._on_stats)
         c.budget_applied.connect(self._on_budget_applied)
         c.budget_refused.connect(self.budget_bar.refuse)
@@ -252,6 +270,7 @@ class MainWindow(QMainWindow):
         cv.version_requested.connect(self.show_version)
         cv.edit_submitted.connect(self.edit_message)
         cv.system_prompt_changed.connect(self._on_system_prompt)
+        cv.summary_requested.connect(self.summarize_to_new_chat)
         sb = self.sidebar
         sb.new_requested.connect(self.new_conversation)
         sb.conversation_selected.connect(self.open_conversation)
@@ -316,6 +335,7 @@ class MainWindow(QMainWindow):
             self.chat_view.begin_stream(streaming.message, streaming.text)
         replies = [m for m in messages if m.role == "assistant" and m.stats]
         self._show_context(replies[-1].stats if replies else None)
+        self._offer_context_choices(replies[-1].stats if replies and replies[-1] is messages[-1] else None)
         held = self.store.chat_settings(conversation_id)
         current = self.client.model_info or {}
         if held.get("model_name") and current and held.get("model") != current.get("source"):
@@ -330,6 +350,8 @@ class MainWindow(QMainWindow):
             self.chat_view.set_title(self.store.conversation(conversation_id).title)
 
     def delete_conversation(self, conversation_id: int) -> None:
+        if self.summary and self.summary.conversation_id == conversation_id:
+            self.stop()  # its summary ends as stopped: no new chat
         if self.active and self.active.conversation_id == conversation_id:
             self.stop()
             self.active = None
@@ -373,7 +395,8 @@ class MainWindow(QMainWindow):
     # -- chatting --------------------------------------------------------------------------------
     @property
     def generating(self) -> bool:
-        return self.active is not None
+        """A reply or a summary is being written: one at a time."""
+        return self.active is not None or self.summary is not None
 
     def send_message(self, text: str) -> bool:
         """Commit the user's message and start the reply; False (text kept) when it cannot be sent."""
@@ -399,11 +422,17 @@ class MainWindow(QMainWindow):
         return True
 
     def _engine_messages(self, conversation_id: int) -> list[dict]:
+        """The conversation as the model reads it. A summary of an earlier chat joins the system prompt
+        in one leading system message, the only place every chat template accepts one."""
         conv = self.store.conversation(conversation_id)
-        out = [{"role": "system", "content": conv.system_prompt}] if conv.system_prompt.strip() else []
-        out += [{"role": m.role, "content": m.content} for m in self.store.messages(conversation_id)
-                if m.content or m.role == "user"]
-        return out
+        system = [conv.system_prompt] if conv.system_prompt.strip() else []
+        out = []
+        for m in self.store.messages(conversation_id):
+            if m.role == "system":
+                system.append(summary_note(m))
+            elif m.content or m.role == "user":
+                out.append({"role": m.role, "content": m.content})
+        return ([{"role": "system", "content": "\n\n".join(system)}] if system else []) + out
 
     def _start_reply(self, versions: list[dict] | None = None, shown: int = 0) -> None:
         cid = self.conversation_id
@@ -468,6 +497,11 @@ class MainWindow(QMainWindow):
             a.dirty = False
 
     def _on_token(self, request_id: int, text: str) -> None:
+        job = self.summary
+        if job is not None and request_id == job.request_id:
+            job.tokens += 1
+            self.status_label.setText(f"Summarizing… {job.tokens} tokens")
+            return
         a = self.active
         if a is None or request_id != a.request_id or not text:
             return
@@ -506,10 +540,7 @@ class MainWindow(QMainWindow):
             self.store.update_chat_settings(a.conversation_id, model=info.get("source", ""), model_name=info.get("name"))
         if a.conversation_id == self.conversation_id:
             self._show_context(stats)
-        if stats.get("dropped_messages"):
-            self.chat_view.show_banner(
-                f"This conversation no longer fits the model's context: its {stats['dropped_messages']} oldest "
-                "message(s) were left out of this reply. Start a new chat (Ctrl+N) to begin afresh.", "info")
+            self._offer_context_choices(stats)
         if failed:
             self._on_error(stats.get("error", "The reply failed."))
         else:
@@ -527,6 +558,79 @@ class MainWindow(QMainWindow):
             return
         used = int((stats or {}).get("prompt_tokens", 0)) + int((stats or {}).get("new_tokens", 0))
         self.context_label.setText(f"Context {used:,} / {total:,}" + (" · full" if used >= total else ""))
+
+    def _offer_context_choices(self, stats: dict | None) -> None:
+        """When the last reply outgrew the context: go on without the oldest turns (what the engine does
+        by itself), or start a new chat from a summary of this one."""
+        stats = stats or {}
+        if stats.get("dropped_messages"):
+            text = (f"This conversation no longer fits the model's context: its {stats['dropped_messages']} "
+                    "oldest message(s) were left out of this reply.")
+        elif stats.get("context_full"):
+            text = "The reply stopped because the model's context is full."
+        else:
+            self.chat_view.hide_context_offer()
+            return
+        self.chat_view.show_context_offer(text)
+
+    # -- a new chat from a summary -----------------------------------------------------------------
+    def summarize_to_new_chat(self) -> bool:
+        """Ask the model for a summary of this chat, to start a new chat from (the worker writes it; Esc
+        stops it). This chat is never changed; False when it cannot start now."""
+        cid = self.conversation_id
+        if self.generating or cid is None:
+            return False
+        if self.client.model_info is None:
+            self.chat_view.show_banner("No model is loaded, so this chat cannot be summarized. Choose one with "
+                                       "the Model button.", "info")
+            return False
+        messages = self._engine_messages(cid)
+        if not any(m["role"] != "system" for m in messages):
+            self.chat_view.show_banner("This chat has nothing to summarize yet.", "info")
+            return False
+        params = {**self.settings.sampling(), **self.store.chat_settings(cid).get("sampling", {})}
+        self.summary = SummaryJob(self.client.summarize(messages, params, SUMMARY_MAX_TOKENS), cid)
+        self.chat_view.hide_context_offer()
+        self.chat_view.show_banner("Summarizing this chat for a new one… Esc stops; this chat stays as it is.",
+                                   "info")
+        self.status_label.setText("Summarizing…")
+        self._set_generating(True)
+        return True
+
+    def _on_summary_finished(self, request_id: int, text: str, stats: dict) -> None:
+        """A summary that ended well becomes the first message of a new chat; a stopped or failed one
+        leaves no new chat, and the old one as it was."""
+        job = self.summary
+        if job is None or request_id != job.request_id:
+            return
+        self.summary = None
+        self._set_generating(False)
+        reason = stats.get("finish_reason")
+        if reason == "cancelled":
+            self.status_label.setText("Summary stopped.")
+            self.chat_view.show_banner("The summary was stopped: no new chat was made, and the chat is unchanged.",
+                                       "info")
+            return
+        conv = None
+        if reason == "error":
+            problem = str(stats.get("error") or "the engine failed")
+        elif not text.strip():
+            problem = "the model wrote nothing"
+        else:
+            conv = self.store.start_from_summary(job.conversation_id, text.strip())
+            problem = "the chat was deleted meanwhile"
+        if conv is None:
+            self._on_error(f"Could not start a new chat from a summary: {problem.rstrip('.')}. No new chat was "
+                           "made, and the chat is unchanged.")
+            return
+        self.sidebar.search.clear()
+        self.sidebar.current_id = conv.id
+        self.sidebar.refresh()
+        self.open_conversation(conv.id)
+        self.chat_view.show_banner("This chat goes on from a summary of the earlier one, which stays in the "
+                                   "sidebar as it was.", "info")
+        self.status_label.setText(f"New chat from a summary ({stats.get('new_tokens', 0)} tokens)")
+        self.chat_view.input.setFocus()
 
     def _set_generating(self, on: bool) -> None:
         self.chat_view.set_generating(on)
@@ -650,7 +754,7 @@ class MainWindow(QMainWindow):
         if state == "idle" and self.client.model_info is None:
             state = "no model"
         self.state_chip.setText({"idle": "ready", "loading": "loading…", "generating": "writing…",
-                                 "serving": "serving API…"}.get(state, state))
+                                 "summarizing": "summarizing…", "serving": "serving API…"}.get(state, state))
         self.state_chip.setProperty("state", state)
         self.state_chip.style().unpolish(self.state_chip)
         self.state_chip.style().polish(self.state_chip)

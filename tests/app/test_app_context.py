@@ -88,3 +88,19 @@ def test_a_chat_keeps_its_own_sampling_and_its_model(qtbot, window, send, tiny_m
     dialog.findChild(QDialogButtonBox).button(QDialogButtonBox.StandardButton.RestoreDefaults).click()
     dialog.accept()
     assert "sampling" not in window.store.chat_settings(cid)
+
+
+def test_a_chat_that_outgrew_the_context_offers_two_ways_on(qtbot, window, send):
+    view = window.chat_view
+    send(window, "Hello there")
+    assert view.context_offer.isHidden()
+    window._offer_context_choices({"finish_reason": "length", "context_full": True})
+    assert not view.context_offer.isHidden() and "context is full" in view.context_offer_label.text()
+    assert view.drop_button.text() == "Go on without the oldest turns"
+    assert view.summary_button.text() == "New chat with a summary" and view.summary_button.isEnabled()
+    view.drop_button.click()  # the engine leaves the oldest turns out by itself
+    assert view.context_offer.isHidden()
+    window._offer_context_choices({"dropped_messages": 2})
+    assert "2 oldest message(s)" in view.context_offer_label.text()
+    window.new_conversation()
+    assert view.context_offer.isHidden()  # it belongs to the chat whose last reply outgrew the context
