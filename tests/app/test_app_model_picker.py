@@ -173,3 +173,28 @@ def test_remote_code_opt_in_is_per_folder_off_by_default_and_asks_first(qtbot, w
     again.table.selectRow(again.models.index(plain))
     assert not again.remote_code_box.isVisible() and not again.note_label.isVisible()
     again.reject()
+
+
+def test_experts_all_of_the_wrong_shape_are_listed_as_not_loadable(qtbot, window, tmp_path):
+    """Every expert of every layer alike but not as config.json says: caught from the headers, not at load."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "resized_experts"
+    shutil.copytree(window.client.model_info["path"], bad)
+    tensors = load_file(bad / "model.safetensors")
+    for key, t in list(tensors.items()):
+        if ".experts." in key and key.endswith(".weight"):
+            tensors[key] = torch.zeros(t.shape[0], 48) if "down_proj" in key else torch.zeros(48, t.shape[1])
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    before = window.client.model_info["source"]
+    picker = open_picker(qtbot, window)
+    row = add_folder(qtbot, picker, bad)
+    assert row is not None and "intermediate size 32" in row["error"] and "experts.0." in row["error"]
+    r = picker.table.currentRow()
+    assert picker.table.item(r, 2).text() == "cannot be loaded"
+    assert picker.error_label.isVisible() and "config.json implies" in picker.error_label.text()
+    picker.load_selected()
+    assert picker.load_id is None
+    picker.reject()
+    assert window.client.model_info["source"] == before

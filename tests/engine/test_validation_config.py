@@ -82,17 +82,41 @@ def test_a_whole_layer_of_the_wrong_shape_is_named(model_copy):
     assert "CONVERSION" not in message
 
 
-def test_every_layer_of_the_wrong_shape_names_tensor_and_shapes(model_copy):
-    """All layers alike, so the headers agree among themselves; transformers' conversion then fails, and
-    its report (hidden by our quiet logging) becomes a message with the tensor and both shapes."""
+def test_every_layer_of_the_wrong_shape_names_tensor_and_shapes(model_copy, monkeypatch):
+    """All layers alike, so the headers agree among themselves: the config's expert sizes show it, before
+    loading. Should that check miss a layout, transformers' conversion fails, and its report (hidden by our
+    quiet logging) becomes a message with the tensor and both shapes."""
     for layer in range(3):
         reshape_experts(model_copy, layer, range(8), (32, 48))
+    refused(model_copy, "'model.layers.0.mlp.experts.0.gate_proj.weight'", "(32, 48)", "(32, 64)")
+    monkeypatch.setattr(loader, "_check_expert_sizes", lambda meta, headers: None)
     with pytest.raises(ModelError) as err:
         load_model(model_copy, device="cpu", profile=None)
     message = str(err.value)
     assert "CONVERSION" not in message and "above report" not in message
     for words in ("model.layers.0.mlp.experts.gate_up_proj", "(8, 64, 64)", "gate_proj.weight (32, 48)"):
         assert words in message, message
+
+
+def resize_intermediate(folder, size: int) -> None:
+    """Every expert of every layer saved with another intermediate size than config.json's, all alike."""
+    tensors = load_file(folder / "model.safetensors")
+    for key, t in list(tensors.items()):
+        if ".experts." in key and key.endswith(("gate_proj.weight", "up_proj.weight")):
+            tensors[key] = torch.zeros(size, t.shape[1])
+        elif ".experts." in key and key.endswith("down_proj.weight"):
+            tensors[key] = torch.zeros(t.shape[0], size)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_every_expert_of_another_intermediate_size_is_refused_before_loading(model_copy):
+    """The headers agree among themselves, so only the config's sizes show it; inspect_model (the picker's
+    check) refuses it, without reading a weight, as load_model does."""
+    resize_intermediate(model_copy, 48)
+    message = refused(model_copy, "model.safetensors", "'model.layers.0.mlp.experts.0.", "intermediate size 32")
+    named = "(64, 48), but config.json implies (64, 32)" if "down_proj" in message else \
+        "(48, 64), but config.json implies (32, 64)"
+    assert named in message and "CONVERSION" not in message
 
 
 def test_catalog_lists_bad_configs_as_not_loadable(model_copy, tmp_path):
@@ -102,8 +126,12 @@ def test_catalog_lists_bad_configs_as_not_loadable(model_copy, tmp_path):
     top_k = tmp_path / "top-k"
     shutil.copytree(model_copy, top_k)
     edit_config(top_k, num_experts_per_tok=0)
-    entries = {e["source"]: e for e in list_models([str(model_copy), str(negative), str(top_k)])}
+    resized = tmp_path / "resized-experts"
+    shutil.copytree(model_copy, resized)
+    resize_intermediate(resized, 48)
+    entries = {e["source"]: e for e in list_models([str(model_copy), str(negative), str(top_k), str(resized)])}
     assert entries[str(model_copy)]["error"] is None
+    assert "intermediate size 32" in entries[str(resized)]["error"] and "num_moe_layers" not in entries[str(resized)]
     assert "num_hidden_layers is -1" in entries[str(negative)]["error"]
     assert "num_moe_layers" not in entries[str(negative)]  # never shown as "dense / no MoE layers"
     assert "num_experts_per_tok is 0" in entries[str(top_k)]["error"]
