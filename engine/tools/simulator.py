@@ -67,6 +67,16 @@ def _row_experts(row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return experts.astype(np.int64), counts
 
 
+def _routed(trace: Trace) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """`_row_experts` of every (row, layer), computed once per trace array (replays reuse it)."""
+    cached = getattr(trace, "_routed", None)
+    if cached is not None and cached[0] is trace.experts:
+        return cached[1]
+    routed = [[_row_experts(r) for r in row] for row in trace.experts]
+    trace._routed = (trace.experts, routed)
+    return routed
+
+
 def replay(trace: Trace, policy: str, capacity: int, scope: str = "per_layer", *,
            skip_prefill: bool = False, profile: np.ndarray | None = None) -> Replay:
     """Run the trace through the live engine's cache and policy; every row is one step.
@@ -76,6 +86,7 @@ def replay(trace: Trace, policy: str, capacity: int, scope: str = "per_layer", *
     static policy's scores.
     """
     rows, layers, top_k = trace.experts.shape
+    routed = _routed(trace)
     pol = make_policy(policy, layers, trace.num_experts, profile)
     cache = ExpertCache(layers, trace.num_experts, pol, capacity, scope)
     if profile is not None:
@@ -86,7 +97,7 @@ def replay(trace: Trace, policy: str, capacity: int, scope: str = "per_layer", *
     for t in range(rows):
         step = t + 1  # the engine counts forwards from 1
         for layer in range(layers):
-            experts, counts = _row_experts(trace.experts[t, layer])
+            experts, counts = routed[t][layer]
             hit = cache.lookup(layer, experts) >= 0
             if experts.size:
                 pol.record(layer, experts, counts, step)
@@ -288,14 +299,32 @@ def _print_table(rows: list[dict], policies: list[str], best_of: list[str]) -> N
               f"{best:>11}{r['optimum']:>9.3f}{closed:>8.2f}{pred:>7.2f}{copies:>17}")
 
 
-if __name__ == "__main__":  # python -m engine.tools.simulator TRACE.npz ... [--skip-prefill]: the policy table
+if __name__ == "__main__":  # python -m engine.tools.simulator TRACE.npz ... [--skip-prefill] [--synthetic fine,mixtral,qwen]
     import sys
     from pathlib import Path
 
     from ..cache.policies import POLICIES
+    from .synthetic_trace import synthetic_traces
     from .trace import load_trace
 
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    names = list(POLICIES)
-    table = compare({Path(a).stem: load_trace(a) for a in args}, names, skip_prefill="--skip-prefill" in sys.argv)
+    argv, args, synthetic = sys.argv[1:], [], ""
+    policies = list(POLICIES)
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--synthetic") or a.startswith("--policies"):
+            value = a.split("=", 1)[1] if "=" in a else argv[i + 1]
+            i += 0 if "=" in a else 1
+            if a.startswith("--synthetic"):
+                synthetic = value
+            else:
+                policies = [p for p in value.split(",") if p]
+        elif not a.startswith("--"):
+            args.append(a)
+        i += 1
+    traces = {Path(a).stem: load_trace(a) for a in args}
+    if synthetic:
+        traces.update(synthetic_traces(synthetic))
+    names = ["lru"] + [p for p in policies if p != "lru"]
+    table = compare(traces, names, skip_prefill="--skip-prefill" in argv)
     _print_table(table, names, [p for p in names if p != "lru"])
