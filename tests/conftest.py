@@ -12,6 +12,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the engine and the app 
 # one CPU matmul backend for the whole suite, so results never depend on which one a timing favoured;
 # tests that want the other one or the timed choice ask for it
 os.environ.setdefault("MOE_CHAT_CPU_MATMUL", "torch")
+os.environ.setdefault("MOE_CHAT_CPU_LAYOUT", "in-out")  # likewise the weights' layout (out-in: tested on its own)
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -33,6 +33,11 @@ class CpuExperts:
         self.weights = [ExpertWeights(m, expert_tensors(m)) for m in modules]
         first = modules[0]
         self.threads = torch.get_num_threads()
+        # decode on the CPU with unbiased float32 source experts: the fused weighted sum of
+        # `expert_ffn_combined`. Not for quantized ones: their bfloat16 activations would turn its other
+        # summation order into other tokens than forced slots give, and the cache must never change them.
+        self.fused_decode = (simulated_cache and not first.has_bias and not first.has_post_expert_norm
+                             and self.weights[0].format == "source" and self.weights[0].dtype == torch.float32)
         self.format = self.weights[0].format
         self.backend = self.weights[0].backend
         choices = self.weights[0].cpu_backends()
@@ -44,7 +49,7 @@ class CpuExperts:
         if choices and (len(choices) > 1 or ways > 1):
             shape = {"format": self.format, "dtype": str(self.weights[0].w1.dtype).removeprefix("torch."),
                      "matrices": self.weights[0].matrices(), "experts": len(self.weights[0].mats1),
-                     "candidates": choices}
+                     "candidates": choices, "fused": self.fused_decode}
             self.choice, self.remembered = remembered("cpu-experts", shape, lambda: self._measure(choices, ways))
         if self.choice["split"]:
             self.split = SplitRunner(workers=ways - 1)
@@ -52,14 +57,9 @@ class CpuExperts:
             self.use_backend(self.choice["backend"])
         # with everything on the CPU, a decode step's large one-row matmuls split over the cores as well
         self.split_linears = split_linears(model, self.split) if self.split is not None and simulated_cache else []
-        # decode on the CPU with unbiased float32 source experts: the fused weighted sum of
-        # `expert_ffn_combined`. Not for quantized ones: their bfloat16 activations would turn its other
-        # summation order into other tokens than forced slots give, and the cache must never change them.
-        self.fused_decode = (simulated_cache and not first.has_bias and not first.has_post_expert_norm
-                             and self.format == "source" and self.weights[0].dtype == torch.float32)
 
     def use_backend(self, name: str) -> None:
-        """Which backend computes the CPU experts ("torch" or "numpy" for source weights, "int8-bf16",
+        """Which backend computes the CPU experts ("torch", "torch-mv" or "numpy" for source weights, "int8-bf16",
         "int8-fp32", "int4-bf16", "int4-fp32" for quantized ones; see `expert_math`)."""
         if name not in CPU_BACKENDS:
             choices = self.weights[0].cpu_backends()
@@ -79,8 +79,9 @@ class CpuExperts:
         groups = [(m, w, list(range(e, e + top_k))) for m, w in zip(self.modules, self.weights)
                   for e in range(0, num_experts - top_k + 1, top_k)]
         groups = groups[:max(1, 64 * 2**20 // (top_k * expert_bytes))]
-        x = torch.randn(1, self.weights[0].probe_matrix().shape[1])
+        x = torch.randn(1, self.weights[0].probe_matrix().shape[1]).to(self.weights[0].dtype)
         gates = [1.0 / top_k] * top_k
+        rows = np.arange(top_k)
         runner = SplitRunner(workers=ways - 1) if ways > 1 else None
         candidates = [(b, split) for b in choices for split in ((True, False) if runner else (False,))]
 
@@ -90,8 +91,11 @@ class CpuExperts:
             self.use_backend(backend)
             with self.decode_threads():
                 t = time.perf_counter()
-                for m, w, experts in part:
-                    expert_ffn_combined(m, x, experts, gates, w, self.split)
+                for m, w, experts in part:  # as a decode step computes them
+                    if self.fused_decode:
+                        expert_ffn_combined(m, x, experts, gates, w, self.split)
+                    else:
+                        expert_ffn(m, x, rows + experts[0], w, self.split)
                 return time.perf_counter() - t
 
         try:

@@ -105,6 +105,51 @@ def test_numpy_cpu_matmuls(tiny_model_factory, arch, force_slots):
     assert engine_tokens(Session(loaded)) == expected
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("force_slots", [False, True], ids=["simulated", "slots"])
+def test_out_in_layout_by_mv_and_by_mm(tiny_model_factory, arch, force_slots, monkeypatch):
+    """Weights held out-in (as checkpoints ship them; chosen where it streams faster, see cpu_layout):
+    experts by torch.mv and by mm, on one thread and split over two, give stock's tokens."""
+    from engine.moe.cpu_split import SplitRunner
+
+    monkeypatch.setenv("MOE_CHAT_CPU_LAYOUT", "out-in")
+    path = tiny_model_factory(arch)
+    expected = reference_tokens(path)
+    loaded = load_model(path, device="cpu", budget=0.3, force_slots=force_slots, profile=None)
+    rt = loaded.runtime
+    assert all(w.out_in for w in rt.cpu.weights)
+    assert all(m.weight.is_contiguous() for m in loaded.model.modules() if isinstance(m, torch.nn.Linear))
+    for backend in ("torch-mv", "torch"):
+        rt.set_cpu_matmul(backend)
+        assert rt.cpu_matmul == backend
+        assert engine_tokens(Session(loaded)) == expected
+    rt.cpu.split = SplitRunner(workers=1)
+    try:
+        assert engine_tokens(Session(loaded)) == expected
+    finally:
+        rt.cpu.split.close()
+        rt.cpu.split = None
+
+
+def test_bf16_out_in_cache_never_changes_tokens(tiny_model_factory, monkeypatch):
+    """bfloat16 experts by torch.mv: budget 0, partial and all, simulated and forced slots, the same
+    tokens (and stock transformers' on this tiny model)."""
+    monkeypatch.setenv("MOE_CHAT_CPU_LAYOUT", "out-in")
+    monkeypatch.setenv("MOE_CHAT_CPU_MATMUL", "torch-mv")
+    path = tiny_model_factory("qwen3_moe", dtype=torch.bfloat16)
+    got = []
+    for budget, force_slots in [(0, False), (0.3, False), (0.3, True), (1.0, True)]:
+        loaded = load_model(path, device="cpu", budget=budget, force_slots=force_slots, profile=None)
+        assert loaded.runtime.cpu_matmul == "torch-mv" and loaded.info.dtype == "bfloat16"
+        got.append(engine_tokens(Session(loaded)))
+        loaded.runtime.close()
+    assert all(g == got[0] for g in got)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    out = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    assert got[0] == out[0, len(PROMPT):].tolist()
+
+
 def test_cpu_matmul_backend_chosen_by_timing(tiny_model_factory, monkeypatch):
     monkeypatch.setenv("MOE_CHAT_CPU_MATMUL", "auto")
     path = tiny_model_factory("qwen3_moe")

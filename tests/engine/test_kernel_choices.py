@@ -109,3 +109,35 @@ def test_dense_activation_is_remembered(tiny_model, monkeypatch):
     for _ in range(2):
         _load(tiny_model, experts="int8", dense="int8").runtime.close()
     assert len(calls) == 1
+
+
+def test_layout_is_measured_once_and_picked_per_product(monkeypatch):
+    from engine.moe import cpu_layout
+
+    monkeypatch.delenv(cpu_layout.LAYOUT_ENV)
+    calls = []
+    times = {"us_per_matrix": {"in-out mm": 10.0, "out-in mm": 9.8, "out-in mv": 3.0}}
+    monkeypatch.setattr(cpu_layout, "_measure", lambda *a: calls.append(a) or times)
+    assert cpu_layout.one_row_layout(torch.bfloat16, 64, 32, mv=True) == "out-in"  # the experts' torch.mv
+    assert cpu_layout.one_row_layout(torch.bfloat16, 64, 32, mv=False) == "in-out"  # nn.Linear: mm, not 5% off
+    assert len(calls) == 1
+    monkeypatch.setenv(cpu_layout.LAYOUT_ENV, "out-in")
+    assert cpu_layout.one_row_layout(torch.bfloat16, 64, 32, mv=False) == "out-in"
+
+
+def test_layout_measurement_times_every_product():
+    from engine.moe.cpu_layout import _measure
+
+    assert set(_measure(torch.float32, 32, 16)["us_per_matrix"]) == {"in-out mm", "out-in mm", "out-in mv"}
+
+
+@pytest.mark.parametrize("b_transposed", [True, False], ids=["linear or [out, in] experts", "[in, out] experts"])
+def test_laid_out_gives_b_the_layout_asked(b_transposed):
+    from engine.moe.cpu_layout import laid_out
+
+    t = torch.randn(3, 6, 4)
+    for layout in ("in-out", "out-in"):
+        held = laid_out(t, b_transposed, layout)
+        b = held.transpose(-1, -2) if b_transposed else held
+        assert torch.equal(held, t)
+        assert b[0].is_contiguous() is (layout == "in-out") and b[0].T.is_contiguous() is (layout == "out-in")
