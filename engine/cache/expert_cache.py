@@ -4,7 +4,10 @@ The runtime owns the slot tensors; this class decides. Keeping the two apart let
 traces through exactly the same admission and eviction logic as the live engine.
 
 Scope `per_layer` gives every MoE layer an equal share of the slots (the seed paper's setting);
-`pooled` lets layers compete for one pool, so hot layers can hold more experts than cold ones.
+`pooled` lets layers compete for one pool, so hot layers can hold more experts than cold ones. In the
+pooled scope a policy with `layer_budget` (or `split=True`) has the pool split across layers by their
+measured demand (`budget.LayerBudget`): an admission into a layer below its quota evicts from a layer
+above its quota, otherwise within its own layer. Without it the globally weakest resident leaves.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .budget import LayerBudget
 from .policies import Policy
 
 
@@ -26,7 +30,7 @@ class Admission:
 
 class ExpertCache:
     def __init__(self, num_layers: int, num_experts: int, policy: Policy, capacity: int = 0,
-                 scope: str = "per_layer"):
+                 scope: str = "per_layer", split: bool | None = None):
         if scope not in ("per_layer", "pooled"):
             raise ValueError(f"cache scope must be 'per_layer' or 'pooled', not {scope!r}")
         self.num_layers = num_layers
@@ -39,7 +43,27 @@ class ExpertCache:
         self.free: list[int] = []  # slot numbers not holding anything, lowest last
         self.used = np.zeros(num_layers, dtype=np.int64)  # occupied places (resident or in flight) per layer
         self.capacity = 0
+        self.split = split  # None: as the policy says (`policy.layer_budget`)
+        self.budget: LayerBudget | None = None
+        self.quota: np.ndarray | None = None  # slots per layer while a demand-driven split is on
         self.resize(capacity, step=0)
+
+    @property
+    def layer_aware(self) -> bool:
+        """Whether the pooled budget is split across layers by measured demand."""
+        if self.scope != "pooled":
+            return False
+        return bool(getattr(self.policy, "layer_budget", False) if self.split is None else self.split)
+
+    def observe(self, layer: int, experts: np.ndarray, step: int) -> None:
+        """Feed the demand measurement of the layer-aware split (after_access does it)."""
+        if not self.layer_aware:
+            self.quota = None
+            return
+        if self.budget is None:
+            self.budget = LayerBudget(self.num_layers, self.num_experts)
+        self.budget.observe(layer, np.asarray(experts, dtype=np.int64), step)
+        self.quota = self.budget.update(self.capacity)
 
     # -- queries -------------------------------------------------------------------------------
     def lookup(self, layer: int, experts: np.ndarray) -> np.ndarray:
@@ -47,6 +71,8 @@ class ExpertCache:
         return self.slot_of[layer, experts]
 
     def layer_capacity(self, layer: int) -> int:
+        """Slots `layer` may fill: its equal share (per_layer), or the whole pool (pooled: the quota of
+        a layer-aware split only decides whom an admission evicts, never leaves a slot empty)."""
         if self.scope == "pooled":
             return self.capacity
         base, extra = divmod(self.capacity, self.num_layers)
@@ -61,7 +87,16 @@ class ExpertCache:
         in-flight admissions): the row of the layer, or every layer when pooled."""
         if self.scope == "per_layer":
             return np.where(self.slot_of[layer] >= 0, prio[layer], np.inf)
-        return np.where(self.slot_of >= 0, prio, np.inf).reshape(-1)
+        resident = self.slot_of >= 0
+        if self.quota is not None:
+            if self.used[layer] >= self.quota[layer]:  # at its share: make room within the layer
+                rows = np.zeros(self.num_layers, dtype=bool)
+                rows[layer] = True
+            else:  # below its share: take from a layer above its own
+                rows = self.used > self.quota
+            if rows.any():
+                resident = resident & rows[:, None]
+        return np.where(resident, prio, np.inf).reshape(-1)
 
     def _victim(self, layer: int, masked: np.ndarray) -> tuple[tuple[int, int], int] | None:
         """The weakest resident in `masked` as ((layer, expert), flat index), or None."""
@@ -132,6 +167,7 @@ class ExpertCache:
         """
         done: list[Admission] = []
         missed = np.asarray(missed, dtype=bool)
+        self.observe(layer, experts, step)
         if self.policy.demand_admission and missed.any():
             done += self.admit(layer, experts[missed], step, limit, reserve)
         return done + self.prefetch((layer + 1) % self.num_layers, step, reserve)
@@ -156,6 +192,8 @@ class ExpertCache:
                     break  # the rest rank lower still
                 evicted, flat = found
                 masked[flat] = np.inf
+                if self.quota is not None:
+                    masked = None  # the eviction may change which layers are above their share
                 slot = int(self.slot_of[evicted])
                 self.slot_of[evicted] = -1
                 self.used[evicted[0]] -= 1

@@ -21,6 +21,7 @@ class Policy:
     admission_margin = 0.0  # a newcomer must outrank the evicted expert by more than this (damps copy churn)
     prefetch_limit = 0  # experts per layer and step that `ExpertCache.prefetch` may copy in ahead of use
     demand_admission = True  # admit missed experts after an access (off: only prefetching copies)
+    layer_budget = False  # pooled scope: split the pool across layers by measured demand (budget.py)
 
     def __init__(self, num_layers: int, num_experts: int, profile: np.ndarray | None = None):
         self.num_layers = num_layers
@@ -133,6 +134,9 @@ class Predictive(Policy):
     description = "learned forecast of each expert's next use (context, recency, frequency), prefetched a layer ahead"
     window = 256  # past steps kept for context matching
     sharpness = 20.0  # softmax temperature over routing similarity (similarity is in 0..1)
+    layer_memory = 0.5  # weight of a layer's match per layer further down (1: all layers so far equal)
+    pair_weight = 0.5  # share of the layer-to-layer forecast (co-occurrence with the layer before) in a prefetch
+    pair_prior = 2.0  # pseudo-observations of the layer's overall frequency behind each co-occurrence row
     lookahead = 4  # steps after a similar token that vote for the forecast
     vote_decay = 0.5
     gamma = 0.7  # proximity of the next use: gamma ** (steps - 1)
@@ -147,7 +151,9 @@ class Predictive(Policy):
     def __init__(self, num_layers, num_experts, profile=None):
         super().__init__(num_layers, num_experts, profile)
         L, E, W, H = num_layers, num_experts, self.window, self.lookahead
-        self.hist = np.zeros((L, W, E), dtype=np.float32)  # ring of past steps' routing, per layer
+        # ring of past steps' routing, per layer, stored [layer, expert, row]: the similarity reads the
+        # current experts' rows (contiguous), the votes one pass over the layer
+        self.hist = np.zeros((L, E, W), dtype=np.float32)
         self.row_of = np.full(W, -1, dtype=np.int64)  # the step number each ring row holds
         self.sim = np.zeros(W, dtype=np.float32)  # similarity of each ring row to the current step so far
         self.t = -1  # steps seen
@@ -173,6 +179,13 @@ class Predictive(Policy):
         self.recorded = np.zeros(L, dtype=bool)  # layers recorded in the current step
         self.last_t = np.full(L, -1)  # the step each layer was last recorded in
         self.near: np.ndarray | None = None  # ring rows weighted by similarity to the current token so far
+        if self.pair_weight:
+            # co-occurrence of layer l-1's experts with layer l's in one token: pair[l][e', e], counts
+            self.pair = np.zeros((L, E, E), dtype=np.float32)
+            self.pair_n = np.zeros((L, E))  # tokens in which e' was used at layer l-1, per l
+            self.freq = np.zeros((L, E))  # tokens per expert, and tokens, per layer
+            self.tokens = np.zeros(L)
+            self.now_ids: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * L  # this step's routing
         self.after: np.ndarray | None = None  # ring rows weighted by their predecessor's similarity
 
     def _new_step(self) -> None:
@@ -191,57 +204,89 @@ class Predictive(Policy):
             self.w = np.linalg.solve(self.A + self.ridge * np.eye(len(self.w)), self.b + self.ridge * self.prior)
         self.t = t = t + 1
         r = t % self.window
-        self.hist[:, r] = 0
+        self.hist[:, :, r] = 0
         self.row_of[r] = t
         self.sim[:] = 0
+        self.norm = 0.0
         self.layers_now = 0
         self.recorded[:] = False
         age = t - self.row_of  # 0: this step; >= 1: earlier; rows never written hold -1
         self.past = ((age >= 1) & (self.row_of >= 0)).astype(np.float32)
         self.any_past = bool(self.past.any())
         self.succ_ok = (age >= self.lags[:, None])[np.arange(len(self.lags))[:, None], self.succ] * self.past[self.succ]
-        self.past_mask = self.past > 0
+        self.past_idx = np.flatnonzero(self.past)
         self.xs[t % R] = 0
         self.us[t % R] = 0
 
-    def _context(self, layer: int, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _context(self, layer: int, experts: np.ndarray, vals: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(next-step forecast, discounted forecast over `lookahead` steps) from similar earlier tokens."""
         h = self.hist[layer]
-        self.sim += h @ u.astype(np.float32)
+        if self.layer_memory != 1.0:
+            self.sim *= np.float32(self.layer_memory)
+            self.norm = self.norm * self.layer_memory + self.k
+        else:
+            self.norm = self.layers_now * self.k
+        if len(experts):  # the current routing is sparse: only its experts' columns add to the similarity
+            self.sim += vals.astype(np.float32) @ h[experts]
         if not self.any_past:
             return u, u
-        sim = self.sim / (self.layers_now * self.k)
-        w = np.exp(self.sharpness * (sim - sim[self.past_mask].max())) * self.past
-        wd = w[self.succ] * self.succ_ok  # [lag, row]: the weight of the row `lag` steps before this one
+        sim = self.sim * np.float32(self.sharpness / self.norm)
+        w = np.exp(sim - sim[self.past_idx].max())
+        w *= self.past
+        wd = w[self.succ]  # [lag, row]: the weight of the row `lag` steps before this one
+        wd *= self.succ_ok
         self.near, self.after = w, wd[0]  # kept for prefetch_scores
         sums = wd.sum(axis=1)
         ok = sums > 0
-        votes = (wd[ok] / sums[ok, None]) @ h  # [lags with data, experts]
+        if not ok.any():
+            return u, u
+        rows = wd[ok] / sums[ok, None]
         c = self.vote_weights[ok]
-        return votes[0], c @ votes / c.sum()
+        # one [2, window] x [window, experts] product: the first lag's vote and the discounted mix of all
+        votes = h @ np.vstack((rows[0], (c / c.sum()).astype(np.float32) @ rows)).T  # [experts, 2]
+        return votes[:, 0], votes[:, 1]
 
     def record(self, layer, experts, counts, step):
         if step != self.cur_step:
             self.cur_step = step
             self._new_step()
-        counts = np.asarray(counts, dtype=np.float64)
-        u = np.zeros(self.num_experts)
+        experts = np.asarray(experts, dtype=np.int64)
+        R = self.t % (self.horizon + 1)
+        r = self.t % self.window
+        u = self.us[R, layer]  # zeroed when the step opened: written sparsely, in place
+        if self.recorded[layer]:  # a second record of the layer in one step replaces the first
+            u[:] = 0
+            self.hist[layer, :, r] = 0
+        vals = np.zeros(0)
         if len(experts):
-            u[experts] = counts / counts.max()  # a prefill step: relative to its busiest expert
-            if counts.max() <= 1:
+            counts = np.asarray(counts, dtype=np.float64)
+            cmax = counts.max()
+            vals = counts / cmax  # a prefill step: relative to its busiest expert
+            if cmax <= 1:
                 self.k = max(self.k, len(experts))
-        self.hist[layer, self.t % self.window] = u
+            u[experts] = vals
+            self.hist[layer, experts, r] = vals
         self.layers_now += 1
-        v1, vh = self._context(layer, u)
-        stats = self.stats[layer] = self.keep * self.stats[layer] + self.gain * u
+        v1, vh = self._context(layer, experts, vals, u)
+        stats = self.stats[layer]
+        stats *= self.keep
+        if len(experts):
+            stats[:, experts] += self.gain * vals
         self.seen[layer] += 1
-        x = self.xs[self.t % (self.horizon + 1), layer]  # [feature, expert]
+        x = self.xs[R, layer]  # [feature, expert]
         x[0] = 1.0
         x[1], x[2], x[3] = v1, vh, u
         x[4:6] = stats[:2]
-        x[6] = stats[2] / self.seen[layer]
-        self.us[self.t % (self.horizon + 1), layer] = u
-        self.score[layer] = self.w @ x
+        np.multiply(stats[2], 1.0 / self.seen[layer], out=x[6])
+        np.dot(self.w, x, out=self.score[layer])
+        if self.pair_weight and len(experts):
+            if layer and self.recorded[layer - 1] and len(self.now_ids[layer - 1]):
+                prev = self.now_ids[layer - 1]
+                self.pair[layer][np.ix_(prev, experts)] += 1.0
+                self.pair_n[layer, prev] += 1.0
+            self.freq[layer, experts] += 1.0
+            self.tokens[layer] += 1.0
+            self.now_ids[layer] = experts
         self.recorded[layer] = True
         self.last_t[layer] = self.t
 
@@ -266,8 +311,17 @@ class Predictive(Policy):
         if total <= 0:
             return None
         x = self.xs[last % (self.horizon + 1), layer]
-        use = x[1] = (w / total) @ self.hist[layer]
-        self.score[layer] = self.w @ x
+        use = self.hist[layer] @ w
+        use /= total
+        if self.pair_weight and not self.recorded[layer] and layer and self.recorded[layer - 1]:
+            prev = self.now_ids[layer - 1]
+            if len(prev) and self.tokens[layer]:
+                # P(e at layer | e' at layer - 1), shrunk to the layer's frequency, averaged over e'
+                f = self.freq[layer] / self.tokens[layer]
+                cond = (self.pair[layer][prev] + self.pair_prior * f) / (self.pair_n[layer, prev, None] + self.pair_prior)
+                use = (1 - self.pair_weight) * use + self.pair_weight * cond.mean(axis=0)
+        x[1] = use
+        np.dot(self.w, x, out=self.score[layer])
         return self.score[layer], use
 
 
@@ -276,8 +330,17 @@ POLICIES: dict[str, str] = {name: cls.description for name, cls in POLICY_CLASSE
 
 
 def make_policy(name: str, num_layers: int, num_experts: int, profile: np.ndarray | None = None) -> Policy:
+    """A policy by name; `NAME+split` is NAME with the layer-aware split of a pooled budget turned on."""
+    base, _, suffix = name.partition("+")
     try:
-        cls = POLICY_CLASSES[name]
+        if suffix not in ("", "split"):
+            raise KeyError(name)
+        cls = POLICY_CLASSES[base]
     except KeyError:
-        raise ValueError(f"unknown cache policy {name!r}; choose one of: {', '.join(POLICY_CLASSES)}") from None
-    return cls(num_layers, num_experts, profile)
+        raise ValueError(f"unknown cache policy {name!r}; choose one of: {', '.join(POLICY_CLASSES)} "
+                         f"(add +split for a layer-aware pooled budget)") from None
+    policy = cls(num_layers, num_experts, profile)
+    if suffix == "split":
+        policy.layer_budget = True
+        policy.name = name
+    return policy
