@@ -149,7 +149,7 @@ def _overhead(rt, loaded: LoadedModel, prompt: list[int], new_tokens: int, repea
         x2 = torch.randn(1, own.mats2[0].shape[0], dtype=h.dtype)
         x1, x2 = (h.numpy(), x2.numpy()) if own.backend == "numpy" else (h, x2)
         bare += [(x1, own.mats1[e], x2, own.mats2[e]) for e in idx.reshape(-1).tolist()]
-    mm = np.matmul if rt.cpu_matmul == "numpy" else torch.mm
+    mm = {"numpy": np.matmul, "torch-mv": lambda x, b: torch.mv(b.T, x[0])}.get(rt.cpu_matmul, torch.mm)
     math = [(module, h, idx.reshape(-1).numpy(), w.reshape(-1, 1), module._moe_layer)
             for module, h, idx, w in calls]
 
