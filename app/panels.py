@@ -283,11 +283,21 @@ def _time_plots(canvas) -> tuple[pg.PlotItem, pg.PlotItem]:
     return top, bottom
 
 
+PAGED_NOTICE = "Experts page in from the SSD: slower"
+
+
 class MemoryPanel(_TimeCard):
-    """Fast-device memory (cache and total) against the budget and capacity; process RAM."""
+    """Fast-device memory (cache and total) against the budget and capacity; process RAM. A notice says
+    when the model's experts do not fit the RAM and page in from the saved copy on the disk."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__("Memory", parent)
+        self.notice = QLabel()
+        self.notice.setObjectName("cardWarning")
+        self.notice.setWordWrap(True)
+        self.notice.setMinimumWidth(10)
+        self.notice.setVisible(False)
+        self.layout().insertWidget(2, self.notice)  # under the summary line
         self.history = _History("cache", "fast", "budget", "max", "capacity", "rss")
         self.dev_plot, self.ram_plot = _time_plots(self.canvas)
         self.curves: dict[str, pg.PlotDataItem] = {}
@@ -312,6 +322,8 @@ class MemoryPanel(_TimeCard):
         }
         self._spec = spec
         self._show_legend()
+        self.notice.setStyleSheet(f"color: {theme.color('text')}; background: {theme.color('warn')}33; "
+                                  f"border: 1px solid {theme.color('warn')}; border-radius: 4px; padding: 2px 6px;")
         for name, (plot, label, pen, fill) in spec.items():
             old = self.curves.pop(name, None)
             if old is not None:
@@ -358,12 +370,27 @@ class MemoryPanel(_TimeCard):
                 f" budget · {device} holds {format_bytes(capacity)} · RAM {rss}"
             )
             self.set_badge("simulated" if snap.get("simulated_cache") else "")
+            self._show_paging(snap)
         elif snap.get("remote"):
             self.summary.setText(f"The model and its cache are on the server · this app uses RAM {rss}")
         else:
             self.summary.setText(f"Process RAM {rss}")
+        if not has_rt:
+            self.notice.setVisible(False)
         if self.isVisible():
             self.redraw(now)
+
+    def _show_paging(self, snap: dict) -> None:
+        """The notice, with the numbers, while the loaded model's experts page in from the disk."""
+        paged = bool(snap.get("experts_paged"))
+        if paged:
+            on_disk, free = snap.get("experts_on_disk_bytes", 0), snap.get("ram_available_bytes", 0)
+            self.notice.setText(f"{PAGED_NOTICE}: the {snap.get('experts', 'quantized')} experts "
+                                f"({format_bytes(on_disk)}) exceed the free RAM ({format_bytes(free)}), so they "
+                                "are read from the saved copy on the disk as tokens need them")
+            self.notice.setToolTip(f"The copy: {snap.get('paged_copy', '')}\nMore free RAM (close other programs) "
+                                   "makes replies faster.")
+        self.notice.setVisible(paged)
 
     def _plot(self, x: np.ndarray) -> None:
         dev_max = np.nanmax([np.nanmax(self.history.y(n)) if np.isfinite(self.history.y(n)).any() else 0

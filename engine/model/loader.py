@@ -27,6 +27,7 @@ import torch
 
 from ..errors import Cancelled, EngineError, InsufficientMemoryError, ModelError
 from . import quantized_copy
+from ..moe.cpu_layout import laid_out
 from ..moe.interface import EXPERTS_IMPLEMENTATION, expert_tensor_names, is_experts_module, main_experts
 from ..moe.quantize import (FORMATS, check_format, dense_linears, int4_group_size, meta_like, quantize_dense, quantize_experts,
                             quantize_stack, quantized_bytes)
@@ -42,6 +43,20 @@ SAFETENSORS_DTYPES = {
 TEXT_HEADS = ("ForCausalLM", "ForConditionalGeneration")  # classes that generate text from text alone
 DEFAULT_CONTEXT = 4096  # tokens of KV cache the memory estimate makes room for
 RAM_HEADROOM = 0.9  # `auto` picks a format that needs at most this share of the free RAM
+AVAILABLE_RAM_ENV = "MOE_CHAT_AVAILABLE_RAM"  # e.g. 6GiB: the free RAM the memory checks count on
+
+
+def available_ram() -> int:
+    """The free RAM the memory checks count on: `$MOE_CHAT_AVAILABLE_RAM` (a size, e.g. 6GiB: to try how
+    a model loads on a smaller machine) or else what the OS says is available."""
+    if os.environ.get(AVAILABLE_RAM_ENV):
+        from ..units import parse_size
+
+        try:
+            return parse_size(os.environ[AVAILABLE_RAM_ENV])
+        except ValueError as e:
+            raise EngineError(f"${AVAILABLE_RAM_ENV}: {e}") from None
+    return int(psutil.virtual_memory().available)
 
 
 @dataclass
@@ -83,25 +98,44 @@ class ModelInfo:
         return self.dense_bytes - linears + sum(quantized_bytes(o, i, fmt, esize) for o, i in self.dense_linears)
 
     def memory_estimate(self, device: str = "cpu", context: int = DEFAULT_CONTEXT, experts: str = "source",
-                        dense: str = "source") -> dict:
-        """Bytes needed in RAM and on the fast device, before loading anything."""
+                        dense: str = "source", paged: bool = False) -> dict:
+        """Bytes needed in RAM and on the fast device, before loading anything. `paged`: the experts page
+        in from the saved copy on the disk, and the RAM needs room for one token's experts only."""
         kv = self.kv_bytes_per_token * context
         overhead = 256 * 2**20  # torch, transformers, the tokenizer and activations
         expert_total = self.expert_bytes_in(experts) * self.num_experts * self.num_moe_layers
+        one_token = self.expert_bytes_in(experts) * self.top_k * self.num_moe_layers
+        in_ram = min(expert_total, one_token) if paged else expert_total
+        out = {"expert_ram_bytes": in_ram, "experts_paged": paged,
+               "experts_on_disk_bytes": expert_total if paged else 0}
         if device == "cuda":
-            return {"ram_bytes": expert_total + overhead, "fast_device_bytes": self.dense_bytes_in(dense) + kv}
-        return {"ram_bytes": expert_total + self.dense_bytes_in(dense) + kv + overhead, "fast_device_bytes": 0}
+            return {"ram_bytes": in_ram + overhead, "fast_device_bytes": self.dense_bytes_in(dense) + kv, **out}
+        return {"ram_bytes": in_ram + self.dense_bytes_in(dense) + kv + overhead, "fast_device_bytes": 0, **out}
+
+    def can_page(self, fmt: str, device: str = "cpu") -> bool:
+        """Whether experts in `fmt` can page in from a saved copy: a quantized format this device's kernels
+        take, made from safetensors weights (a GGUF file is not copied)."""
+        if fmt not in ("int8", "int4") or not self.num_moe_layers or not self.weight_files:
+            return False
+        if not all(name.endswith(".safetensors") for name in self.weight_files):
+            return False
+        return fmt == "int8" or (device == "cpu" and all(int4_group_size(o, i) for o, i in self.expert_matrices))
 
     def formats(self, device: str = "cpu") -> dict:
-        """Per expert format (dense following it on the CPU): bytes and whether it fits the free RAM."""
-        available = psutil.virtual_memory().available
+        """Per expert format (dense following it on the CPU): bytes, whether it fits the free RAM, and
+        for the quantized ones the RAM they need with the experts paged in from the disk instead."""
+        available = available_ram()
         out = {}
         for fmt in FORMATS:
             dense = fmt if device == "cpu" else "source"
             ram = self.memory_estimate(device, experts=fmt, dense=dense)["ram_bytes"]
             out[fmt] = {"expert_bytes": self.expert_bytes_in(fmt), "dense": dense,
                         "expert_bytes_total": self.expert_bytes_in(fmt) * self.num_experts * self.num_moe_layers,
-                        "ram_needed_bytes": ram, "fits_ram": ram <= available * RAM_HEADROOM}
+                        "ram_needed_bytes": ram, "fits_ram": ram <= available * RAM_HEADROOM,
+                        "can_page": self.can_page(fmt, device)}
+            if out[fmt]["can_page"]:
+                paged = self.memory_estimate(device, experts=fmt, dense=dense, paged=True)["ram_bytes"]
+                out[fmt].update(paged_ram_needed_bytes=paged, fits_paged=paged <= available * RAM_HEADROOM)
         return out
 
     def auto_format(self, device: str = "cpu") -> str | None:
@@ -109,12 +143,24 @@ class ModelInfo:
         fits = self.formats(device)
         return next((fmt for fmt in FORMATS if fits[fmt]["fits_ram"]), None)
 
+    def auto_choice(self, device: str = "cpu") -> tuple[str, bool] | None:
+        """What `--experts auto` loads: (format, paged). The most precise format that fits the free RAM;
+        else the smallest one whose experts can page in from the disk with the rest in RAM (paged, each
+        byte fewer is a byte less to read from the disk); None if neither."""
+        fmt = self.auto_format(device)
+        if fmt is not None:
+            return fmt, False
+        fits = self.formats(device)
+        return next(((f, True) for f in reversed(FORMATS) if fits[f].get("fits_paged")), None)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         ram = self.memory_estimate(device)["ram_bytes"]
-        d.update(ram_needed_bytes=ram, fits_ram=ram <= psutil.virtual_memory().available,
-                 formats=self.formats(device), auto_experts=self.auto_format(device))
+        choice = self.auto_choice(device) if self.num_moe_layers else ("source", False)
+        d.update(ram_needed_bytes=ram, fits_ram=ram <= available_ram(), ram_available_bytes=available_ram(),
+                 formats=self.formats(device), auto_experts=choice[0] if choice else None,
+                 experts_paged=bool(choice and choice[1]))
         return d
 
 
@@ -127,6 +173,8 @@ class LoadedModel:
     device: torch.device
     experts: str = "source"  # the formats the experts and the dense layers are held in
     dense: str = "source"
+    experts_paged: bool = False  # the experts do not fit the RAM: they page in from the saved copy on the disk
+    paging: dict = field(default_factory=dict)  # then: the bytes on the disk, the free RAM, the copy's folder
 
 
 # -- finding and checking files ---------------------------------------------------------------------
@@ -483,6 +531,38 @@ def _check_expert_layers(meta_model, headers: list[tuple[Path, dict]]) -> None:
             )
 
 
+def _check_expert_sizes(meta_model, headers: list[tuple[Path, dict]]) -> None:
+    """Per-expert matrices (`experts.3.up_proj.weight`) must have the sizes config.json gives the experts.
+    Checkpoint names differ from the model's (transformers converts them on load), so each matrix is compared
+    with the shapes an expert of the meta model has, in either orientation: when every expert of every layer
+    was saved in one wrong shape, nothing else notices before transformers' conversion fails."""
+    floats = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}  # packed int formats have other shapes
+    allowed: list[tuple[int, int]] = []  # gate/up, down, fused gate_up; then the same transposed
+    sizes = ""
+    for m in meta_model.modules():
+        if is_experts_module(m):
+            down = tuple(m.down_proj.shape[1:])
+            hidden, inter = down[::-1] if m.is_transposed else down
+            shapes = [(inter, hidden), (hidden, inter)] + ([(2 * inter, hidden)] if m.has_gate else [])
+            allowed += [s for s in shapes + [s[::-1] for s in shapes] if s not in allowed]
+            sizes = sizes or f"intermediate size {inter}, hidden size {hidden}"
+    if not allowed:
+        return
+    own = {n for n, _ in meta_model.named_parameters()}  # names the model shares: _check_shapes saw them
+    for file, header in headers:
+        for key, t in header.items():
+            if (not isinstance(t, dict) or key in own or not key.endswith(".weight") or not _EXPERT_KEY.match(key)
+                    or t.get("dtype") not in floats or len(t["shape"]) != 2):
+                continue
+            shape = tuple(t["shape"])
+            if shape not in allowed:
+                expected = max(allowed, key=lambda s: sum(a == b for a, b in zip(s, shape)))  # the nearest
+                raise ModelError(
+                    f"{file.name}: tensor {key!r} has shape {shape}, but config.json implies {expected} for it "
+                    f"(experts of {sizes}); config.json and the weights belong to different models"
+                )
+
+
 def _check_shapes(meta_model, headers: list[tuple[Path, dict]]) -> None:
     """Tensors whose checkpoint name matches the model's must have the model's shape."""
     expected = {n: tuple(p.shape) for n, p in meta_model.named_parameters()}
@@ -522,6 +602,7 @@ def inspect_model(source: str | os.PathLike, *, trust_remote_code: bool | None =
     _check_expert_shapes(headers)
     _check_shapes(meta, headers)
     _check_expert_layers(meta, headers)
+    _check_expert_sizes(meta, headers)
     sizes = meta_sizes(meta, config, dtype)
     if sizes["num_moe_layers"]:
         _check_top_k(path, config, sizes["num_experts"])
@@ -648,8 +729,9 @@ class _QuantizedReading:
     all in RAM at once; where the saved copy has it, the loading loop `skip`s it (never read) and
     `finish` takes it from the copy. The parameters themselves are left on the meta device."""
 
-    def __init__(self, set_param, fmt: str, saved: dict[str, torch.Tensor] | None):
-        self.set_param, self.fmt, self.saved = set_param, fmt, saved
+    def __init__(self, set_param, fmt: str, saved: dict[str, torch.Tensor] | None,
+                 writer: quantized_copy.Writer | None = None):
+        self.set_param, self.fmt, self.saved, self.writer = set_param, fmt, saved, writer
         self.context = None  # (model, loading_info), seen on the first call
         self.skipped: list[str] = []
 
@@ -665,6 +747,8 @@ class _QuantizedReading:
         if module is not None:
             if not self._take_saved(module, name, target_name):
                 quantize_stack(module, name, param, self.fmt)
+                if self.writer is not None:  # to the copy on the disk, and mapped back from there
+                    self.writer.add(target_name.rpartition(".")[0], name, module._moe_tensors)
             param = meta_like(param)
         return self.set_param(model, target_name, param, loading_info, *args, **kwargs)
 
@@ -730,7 +814,8 @@ def _naming_conversion_errors(report, path: Path):
 
 
 def _from_pretrained(cls, path: Path, dtype, experts: bool, trust_remote_code: bool, progress, cancel,
-                     fmt: str = "source", saved: dict[str, torch.Tensor] | None = None):
+                     fmt: str = "source", saved: dict[str, torch.Tensor] | None = None,
+                     writer: quantized_copy.Writer | None = None):
     import transformers.core_model_loading as cml
     import transformers.modeling_utils as mu
     from transformers.utils import logging as hf_logging
@@ -744,7 +829,7 @@ def _from_pretrained(cls, path: Path, dtype, experts: bool, trust_remote_code: b
     original_open = mu.safe_open
     original_report = mu.log_state_dict_report
     mu.log_state_dict_report = _naming_conversion_errors(original_report, path)
-    reading = _QuantizedReading(cml.set_param_for_module, fmt, saved) if fmt != "source" else None
+    reading = _QuantizedReading(cml.set_param_for_module, fmt, saved, writer) if fmt != "source" else None
     cml.tqdm = _ProgressLoop(progress, cancel, 0.1, 0.85, reading)
     mu.safe_open = _pread_safe_open(original_open)
     original_set = cml.set_param_for_module
@@ -791,13 +876,21 @@ def _from_pretrained(cls, path: Path, dtype, experts: bool, trust_remote_code: b
     return model
 
 
-def column_major(t: torch.Tensor) -> torch.Tensor:
-    """The same matrix (or stack of matrices), stored column by column.
+def _cpu_layouts(model: torch.nn.Module, experts: list[torch.nn.Module]) -> tuple[str, str]:
+    """(experts', dense layers') layout for one-token products on the CPU (`cpu_layout`), measured on
+    the first source-precision expert matrix, else the first linear layer's weight."""
+    from ..moe.cpu_layout import one_row_layout
 
-    For one token, a CPU matmul then streams the weights contiguously: measured about twice the
-    bandwidth of the row-major layout transformers loads (MKL and oneDNN, AMD and Intel alike).
-    """
-    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    ref = next((p for m in experts for n in expert_tensor_names(m) if not n.endswith("_bias")
+                for p in [getattr(m, n)] if not p.is_meta), None)
+    if ref is not None:
+        out_features, in_features = (ref.shape[2], ref.shape[1]) if experts[0].is_transposed else ref.shape[1:]
+    else:
+        ref = next((m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.is_meta), None)
+        if ref is None:
+            return "in-out", "in-out"
+        out_features, in_features = ref.shape
+    return tuple(one_row_layout(ref.dtype, int(out_features), int(in_features), mv) for mv in (True, False))
 
 
 def _pinned(t: torch.Tensor) -> torch.Tensor:
@@ -806,19 +899,21 @@ def _pinned(t: torch.Tensor) -> torch.Tensor:
 
 
 def _place(model: torch.nn.Module, experts: list[torch.nn.Module], device: torch.device,
-           progress: Progress | None = None) -> None:
+           progress: Progress | None = None, pin_experts: bool = True) -> None:
     """Dense weights to the fast device; routed experts stay on the CPU (pinned for fast copies).
 
     Matrices that the CPU will multiply by single tokens (all experts; dense layers too when the
-    fast device is the CPU) are stored column-major. Tied parameters stay tied.
+    fast device is the CPU) are stored in the layout that streams fastest here (`cpu_layout`). Tied parameters stay tied. Quantized experts that
+    page in from the disk (`pin_experts=False`) stay mapped: pinning would copy them all into RAM.
     """
     owner = {id(getattr(m, n)): m for m in experts for n in expert_tensor_names(m)}
+    expert_layout, dense_layout = _cpu_layouts(model, experts)
     placed: dict[int, torch.nn.Parameter] = {}
     total = sum(p.numel() for p in model.parameters()) or 1
     done = 0
     for module in model.modules():
         quantized = getattr(module, "_moe_tensors", None)
-        if quantized is not None and device.type == "cuda":
+        if quantized is not None and device.type == "cuda" and pin_experts:
             module._moe_tensors = {n: _pinned(t) for n, t in quantized.items()}
         for name, p in list(module._parameters.items()):
             if p is None or p.is_meta:  # meta: held quantized elsewhere
@@ -827,14 +922,14 @@ def _place(model: torch.nn.Module, experts: list[torch.nn.Module], device: torch
                 data = p.data
                 expert_module = owner.get(id(p))
                 if expert_module is not None:
-                    if data.dim() == 3 and not expert_module.is_transposed:
-                        data = column_major(data)
+                    if data.dim() == 3:
+                        data = laid_out(data, not expert_module.is_transposed, expert_layout)
                     if device.type == "cuda":
                         data = _pinned(data)
                 else:
                     data = data.to(device)
                     if device.type == "cpu" and isinstance(module, torch.nn.Linear) and name == "weight":
-                        data = column_major(data)
+                        data = laid_out(data, True, dense_layout)
                 placed[id(p)] = torch.nn.Parameter(data, requires_grad=False)
                 step = p.numel() / total
                 done += p.numel()
@@ -871,13 +966,17 @@ def choose_formats(info: ModelInfo, device: str, experts: str, dense: str, check
     if info.num_moe_layers == 0:
         experts = "source"
     elif experts == "auto":
-        experts = info.auto_format(device) if check_memory else "source"
-        if experts is None:
-            need = {f: v["ram_needed_bytes"] / 2**30 for f, v in info.formats(device).items()}
+        choice = info.auto_choice(device) if check_memory else ("source", False)
+        if choice is None:
+            formats = info.formats(device)
+            need = {f: v["ram_needed_bytes"] / 2**30 for f, v in formats.items()}
+            paged = {f: v["paged_ram_needed_bytes"] / 2**30 for f, v in formats.items() if v.get("can_page")}
             raise InsufficientMemoryError(
                 f"{info.name} needs about " + ", ".join(f"{v:.1f} GiB of RAM with {f} experts" for f, v in need.items())
-                + f", but only {psutil.virtual_memory().available / 2**30:.1f} GiB is free; close other programs "
+                + "".join(f", {v:.1f} GiB with {f} experts paged in from the disk" for f, v in paged.items())
+                + f", but only {available_ram() / 2**30:.1f} GiB is free; close other programs "
                 "or pick a smaller model")
+        experts = choice[0]
     if dense == "auto":
         dense = experts if device == "cpu" else "source"
     if device != "cpu" and dense != "source":
@@ -891,10 +990,25 @@ def choose_formats(info: ModelInfo, device: str, experts: str, dense: str, check
     return experts, dense
 
 
-def _check_memory(info: ModelInfo, dev: torch.device, experts: str, dense: str) -> None:
-    """Refuse, with the numbers, a model the free RAM (or GPU memory) cannot hold in these formats."""
-    need = info.memory_estimate(dev.type, experts=experts, dense=dense)
-    available = psutil.virtual_memory().available
+def experts_paged(info: ModelInfo, device: str, experts: str, dense: str) -> bool:
+    """Whether the experts page in from the saved copy on the disk: they are in a format that can, and
+    the whole model in these formats does not fit the free RAM with headroom."""
+    if not info.can_page(experts, device):
+        return False
+    return info.memory_estimate(device, experts=experts, dense=dense)["ram_bytes"] > available_ram() * RAM_HEADROOM
+
+
+def _check_memory(info: ModelInfo, dev: torch.device, experts: str, dense: str, paged: bool = False) -> None:
+    """Refuse, with the numbers, a model the free RAM (or GPU memory) cannot hold in these formats (with
+    `paged` experts: the rest of it and one token's experts)."""
+    need = info.memory_estimate(dev.type, experts=experts, dense=dense, paged=paged)
+    available = available_ram()
+    if paged and need["ram_bytes"] > available:
+        raise InsufficientMemoryError(
+            f"{info.name} does not fit even with its {experts} experts "
+            f"({need['experts_on_disk_bytes'] / 2**30:.1f} GiB) paged in from the disk: the dense weights, the KV cache and one token's experts need about "
+            f"{need['ram_bytes'] / 2**30:.1f} GiB of RAM, but only {available / 2**30:.1f} GiB is free; close other "
+            "programs or pick a smaller model")
     if need["ram_bytes"] > available:
         raise InsufficientMemoryError(
             f"{info.name} needs about {need['ram_bytes'] / 2**30:.1f} GiB of RAM with {experts} experts but only "
@@ -968,8 +1082,9 @@ def load_model(
         log.warning("%s", info.code_note)
     dev = pick_device(device)
     experts, dense = choose_formats(info, dev.type, experts, dense, check_memory)
+    paged = check_memory and experts_paged(info, dev.type, experts, dense)
     if check_memory:
-        _check_memory(info, dev, experts, dense)
+        _check_memory(info, dev, experts, dense, paged)
     torch.set_num_threads(threads or default_threads())
     path = Path(info.path)
     raw = _read_config(path)
@@ -980,8 +1095,27 @@ def load_model(
     saved = quantized_copy.load(path, info.weight_files, experts) if experts != "source" else None
     if saved is not None:
         report(0.1, f"reading weights (experts from the saved {experts} copy)")
-    model = _from_pretrained(cls, path, dtype, info.num_moe_layers > 0, trust_remote_code, progress, cancel,
-                             experts, saved)
+    paging = {}
+    if paged:
+        on_disk = info.memory_estimate(dev.type, experts=experts, dense=dense, paged=True)["experts_on_disk_bytes"]
+        paging = {"experts_paged": True, "experts_on_disk_bytes": int(on_disk), "ram_available_bytes": available_ram(),
+                  "paged_copy": str(quantized_copy.copy_dir(path, experts))}
+        log.warning("%s: the %s experts (%.1f GiB) do not fit the %.1f GiB of free RAM; they page in from the "
+                    "saved copy on the disk (slower)", info.name, experts, on_disk / 2**30,
+                    paging["ram_available_bytes"] / 2**30)
+    # a first load writes the copy as it quantizes (and maps it back), so the experts are never all in RAM
+    writer = None
+    if experts != "source" and saved is None and (save_copy or paged):
+        why = (f"the {experts} experts ({paging['experts_on_disk_bytes'] / 2**30:.1f} GiB) do not fit the "
+               f"{paging['ram_available_bytes'] / 2**30:.1f} GiB of free RAM") if paged else None
+        writer = quantized_copy.Writer(path, info.weight_files, experts, required=why)
+    try:
+        model = _from_pretrained(cls, path, dtype, info.num_moe_layers > 0, trust_remote_code, progress, cancel,
+                                 experts, saved, writer)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
     model.eval()
     model.requires_grad_(False)
     if cancel is not None and cancel.is_set():
@@ -995,14 +1129,16 @@ def load_model(
     if experts != "source":
         for m in modules:
             quantize_experts(m, experts)
-        if saved is None and save_copy:
+        if writer is not None:
             report(0.85, f"saving the {experts} experts for the next load")
-            quantized_copy.save(named, path, info.weight_files, experts)
+            for module_path, m in named.items():  # those not quantized while reading
+                writer.add_module(module_path, m)
+            writer.commit()
     if dense != "source":
         report(0.85, f"quantizing dense layers to {dense}")
         quantize_dense(model, dense)
     report(0.85, f"placing weights on {dev}")
-    _place(model, modules, dev, lambda f: report(0.85 + 0.05 * f, f"placing weights on {dev}"))
+    _place(model, modules, dev, lambda f: report(0.85 + 0.05 * f, f"placing weights on {dev}"), pin_experts=not paged)
     report(0.9, "loading the tokenizer")
     tokenizer = _load_tokenizer(path, trust_remote_code)
     runtime = None
@@ -1011,8 +1147,11 @@ def load_model(
         counts = load_profile(info, profile) if profile else None
         runtime = HybridRuntime(text, modules, dev, budget=budget, policy=policy, scope=scope,
                                 force_slots=force_slots, profile=counts, dense_bytes=info.dense_bytes_in(dense))
+        if paging:  # the stats snapshots say so (the app's memory panel shows it)
+            snapshot = runtime.snapshot
+            runtime.snapshot = lambda: {**snapshot(), **paging}
     else:
         log.info("%s has no MoE layers: it runs as a plain model, without an expert cache", info.name)
     report(1.0, "ready")
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, runtime=runtime, device=dev,
-                       experts=experts, dense=dense)
+                       experts=experts, dense=dense, experts_paged=paged, paging=paging)

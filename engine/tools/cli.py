@@ -136,6 +136,8 @@ def _stats(loaded, session_stats: dict) -> dict:
     return {
         "experts": loaded.experts,
         "dense": loaded.dense,
+        "experts_paged": bool(getattr(loaded, "experts_paged", False)),  # paging in from the saved copy on the disk
+        **getattr(loaded, "paging", {}),
         "hit_rate": snap.get("hit_rate", 0.0),
         "hits": snap.get("hits", 0),
         "misses": snap.get("misses", 0),
@@ -153,12 +155,27 @@ def _stats(loaded, session_stats: dict) -> dict:
     }
 
 
+def remembered_kernel_choices(info) -> dict:
+    """"<format>, <n> threads" -> the CPU experts' kernel choice remembered on this machine for this
+    model's expert shapes (measured at a first load; absent until then)."""
+    from ..moe.kernel_choices import entries
+
+    return {f"{shape['format']}, {shape['threads']} threads": choice for shape, choice in entries("cpu-experts")
+            if shape.get("matrices") == info.expert_matrices and shape.get("experts") == info.num_experts
+            and (shape["format"] != "source" or shape.get("dtype") == info.dtype)}
+
+
 def cmd_info(args) -> dict:
     from ..model.loader import inspect_model
 
     info = inspect_model(args.model or _default_model(), trust_remote_code=args.trust_remote_code)
     d = info.to_dict()
     d["memory_estimate"] = {dev: info.memory_estimate(dev) for dev in ("cpu", "cuda")}
+    if d.get("experts_paged"):  # `auto` pages the experts in from the disk: the estimate says what that needs
+        fmt = d["auto_experts"]
+        d["memory_estimate"] = {dev: info.memory_estimate(dev, experts=fmt, dense=fmt if dev == "cpu" else "source",
+                                                          paged=True) for dev in ("cpu", "cuda")}
+    d["kernel_choices"] = remembered_kernel_choices(info)
     if not args.json:
         for k, v in d.items():
             print(f"{k:>20}: {v}")
@@ -370,11 +387,22 @@ def cmd_bench(args) -> dict:
               f"{result['miss_path_bandwidth_share']:.0%} of memory read bandwidth "
               f"({result['memory_read_bytes_per_s'] / 1e9:.1f} GB/s, {result['threads']} threads, "
               f"{result['cpu_matmul']} matmuls)")
+        print(f"{'kernel choice':>26}: {describe_choice(result['kernel_choice'])}")
         o = result["overhead"]
         print(f"{'scheduler overhead':>26}: {o['overhead_us']:8.1f} us per MoE layer and decode step "
               f"(experts forward {o['experts_forward_us']:.0f} us, bare matmuls {o['matmuls_us']:.0f} us; "
               f"routing, cache, policy and telemetry alone {o['bookkeeping_us']:.0f} us)")
     return result
+
+
+def describe_choice(choice: dict) -> str:
+    """One line: the CPU experts' backend and split, measured now or remembered from an earlier load."""
+    if not choice:
+        return "none (no MoE layers)"
+    how = "remembered from an earlier load" if choice.get("remembered") else "measured at load"
+    times = ", ".join(f"{k} {v:.0f} us" for k, v in choice.get("us_per_step", {}).items())
+    split = "split over the cores" if choice.get("split") else "not split"
+    return f"{choice.get('backend')}, {split} ({how}{'; per step: ' + times if times else ''})"
 
 
 def cmd_trace(args) -> dict:

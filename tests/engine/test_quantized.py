@@ -151,7 +151,10 @@ def test_saved_copy_is_used_checked_and_rebuilt(tiny_model_factory, monkeypatch)
     assert calls and (folder / "manifest.json").exists() and not folder.with_name("int8.partial").exists()
     calls.clear()
     assert tokens() == first and not calls  # read from the copy, nothing quantized again
-    (folder / quantized_copy.FILE).write_bytes(b"\x00" * 16)  # damaged
+    next(folder.glob("*.safetensors")).write_bytes(b"\x00" * 16)  # damaged
+    assert tokens() == first and calls
+    calls.clear()
+    (folder / quantized_copy.MANIFEST).unlink()  # a load cut short before the copy was complete
     assert tokens() == first and calls
     calls.clear()
     weights = path / "model.safetensors"
