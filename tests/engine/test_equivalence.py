@@ -26,6 +26,19 @@ def reference_tokens(path, device: str = "cpu") -> list[int]:
     return out[0, len(PROMPT):].tolist()
 
 
+def split_tokens(loaded) -> list[int]:
+    """The tokens with the CPU experts split over two threads."""
+    from engine.moe.cpu_split import SplitRunner
+
+    rt = loaded.runtime
+    rt.cpu.split = SplitRunner(workers=1)
+    try:
+        return engine_tokens(Session(loaded))
+    finally:
+        rt.cpu.split.close()
+        rt.cpu.split = None
+
+
 def engine_tokens(session: Session, on_token=None) -> list[int]:
     session.reset()
     session.eos_ids = set()  # compare full-length runs, as the reference does
@@ -83,8 +96,6 @@ def test_cpu_experts_split_over_two_threads(tiny_model_factory, arch, force_slot
 @pytest.mark.parametrize("force_slots", [False, True], ids=["simulated", "slots"])
 def test_numpy_cpu_matmuls(tiny_model_factory, arch, force_slots):
     """numpy computes the CPU SwiGLU experts, on one thread and split over two: the same tokens."""
-    from engine.moe.cpu_split import SplitRunner
-
     path = tiny_model_factory(arch)
     expected = reference_tokens(path)
     loaded = load_model(path, device="cpu", budget=0.3, force_slots=force_slots, profile=None)
@@ -94,12 +105,7 @@ def test_numpy_cpu_matmuls(tiny_model_factory, arch, force_slots):
     assert rt.cpu.weights[0].swiglu is swiglu and rt.cpu_matmul == ("numpy" if swiglu else "torch")
     assert all((own.backend == "numpy") is swiglu for own in rt.cpu.weights)
     assert engine_tokens(Session(loaded)) == expected
-    rt.cpu.split = SplitRunner(workers=1)
-    try:
-        assert engine_tokens(Session(loaded)) == expected
-    finally:
-        rt.cpu.split.close()
-        rt.cpu.split = None
+    assert split_tokens(loaded) == expected
     rt.set_cpu_matmul("torch")
     assert isinstance(rt.cpu.weights[0].mats1[0], torch.Tensor)
     assert engine_tokens(Session(loaded)) == expected
@@ -110,8 +116,6 @@ def test_numpy_cpu_matmuls(tiny_model_factory, arch, force_slots):
 def test_out_in_layout_by_mv_and_by_mm(tiny_model_factory, arch, force_slots, monkeypatch):
     """Weights held out-in (as checkpoints ship them; chosen where it streams faster, see cpu_layout):
     experts by torch.mv and by mm, on one thread and split over two, give stock's tokens."""
-    from engine.moe.cpu_split import SplitRunner
-
     monkeypatch.setenv("MOE_CHAT_CPU_LAYOUT", "out-in")
     path = tiny_model_factory(arch)
     expected = reference_tokens(path)
@@ -123,12 +127,7 @@ def test_out_in_layout_by_mv_and_by_mm(tiny_model_factory, arch, force_slots, mo
         rt.set_cpu_matmul(backend)
         assert rt.cpu_matmul == backend
         assert engine_tokens(Session(loaded)) == expected
-    rt.cpu.split = SplitRunner(workers=1)
-    try:
-        assert engine_tokens(Session(loaded)) == expected
-    finally:
-        rt.cpu.split.close()
-        rt.cpu.split = None
+    assert split_tokens(loaded) == expected
 
 
 def test_bf16_out_in_cache_never_changes_tokens(tiny_model_factory, monkeypatch):
