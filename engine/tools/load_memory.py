@@ -7,7 +7,7 @@ of experts) is built with transformers' own classes into a temporary folder. Eac
 subprocess with an empty data folder (`$MOE_CHAT_DATA`), so it is a first load: read, quantize, save
 the copy (`--no-copy`: keep the experts in RAM and save none). `$MOE_CHAT_AVAILABLE_RAM` is passed on,
 so a load whose experts page in from the disk can be measured too. It reports the process's resident
-memory before loading (torch and transformers imported), its peak during the load (`ru_maxrss`), after
+memory before loading (torch and transformers imported), its peak during the load (VmHWM), after
 it, and the bytes of the loaded model (parameters, buffers and quantized experts, wherever they live),
 with the ratio the loading goal names: (peak - before) / model bytes. `--again` loads a second time,
 from the saved copy. `--trace` prints the resident memory at each progress message, to see which stage
@@ -32,6 +32,18 @@ SYNTHETIC = dict(  # Qwen3-MoE's layout, small: 16 layers x 64 experts of 2x256x
     num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
     num_experts=64, num_experts_per_tok=4, decoder_sparse_step=1, max_position_embeddings=2048,
 )
+
+
+def peak_rss() -> int:
+    """This process's peak resident bytes: Linux's VmHWM (of this program's own memory; ru_maxrss also
+    counts the parent's memory the process had when forked), else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def synthetic_model(out_dir: str | Path, dtype: str = "bfloat16", **overrides) -> Path:
@@ -82,7 +94,7 @@ def _child(args) -> dict:
     peak_seen = [before]
     stop = threading.Event()
 
-    def sample():  # ru_maxrss is the truth; this only says when the peak happened
+    def sample():  # the peak counter is the truth; this only says when the peak happened
         while not stop.wait(0.02):
             peak_seen[0] = max(peak_seen[0], proc.memory_info().rss)
 
@@ -98,7 +110,7 @@ def _child(args) -> dict:
     seconds = time.perf_counter() - t
     stop.set()
     sampler.join()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    peak = peak_rss()
     after = proc.memory_info().rss
     sizes = model_bytes(loaded)
     out = {"experts": loaded.experts, "dense": loaded.dense, "seconds": round(seconds, 2),
