@@ -33,7 +33,7 @@ SIZES = {
     "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
     "qk_head_dim": 16, "index_head_dim": 16, "index_n_heads": 2, "index_topk": 8, "index_kpool": 4,
     "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
-    "indexer_compress_ratio": 4, "hc_lowrank": 16,
+    "indexer_compress_ratio": 4, "hc_lowrank": 16, "index_num_heads": 2, "mlp_only_intermediate_size": 64,
     "max_position_embeddings": 256, "sliding_window": 16, "attention_chunk_size": 16,
     "first_k_dense_replace": 1,
     "linear_num_key_heads": 2, "linear_num_value_heads": 2, "linear_key_head_dim": 16,
@@ -72,6 +72,12 @@ FIXES: dict[str, dict] = {
     # mrope sections the modeling code assumes where the config leaves them out (shrunk with the rotary)
     "glm4v_moe": {"text_config": {"rope_parameters": {"mrope_section": [8, 12, 12]}}},
     "ernie4_5_vl_moe": {"text_config": {"rope_parameters": {"mrope_section": [22, 22, 20]}}},
+    # rotary over the rope part only; zero (identity) experts and top-k under this name
+    "longcat_flash": {"head_dim": 8, "moe_topk": 2, "zero_expert_num": 2, "expert_ffn_hidden_size": 32},
+    # the default puts experts from layer 3 on and leaves the window unset
+    "step3p7": {"text_config": {"mlp_layer_types": ["dense", "sparse", "sparse"], "sliding_window": 16,
+                                "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+                                "share_expert_dim": 32}},
     # the thinker and talker read fields their config classes do not declare (checkpoints set them)
     "qwen3_omni_moe": {"thinker_config": {"vision_start_token_id": VOCAB_SIZE - 20},
                        "talker_config": {"text_config": {"shared_expert_intermediate_size": 32},

@@ -12,21 +12,22 @@ from engine.model.session import text_model
 
 PROMPT = [5, 17, 42, 99, 7, 3, 250, 11, 64, 128]
 NEW = 8
-# Swept with tests/arch_zoo.py on transformers 5.24: these build and run in stock transformers (and match).
+# Swept with tests/arch_zoo.py on transformers 5.25: these build and run in stock transformers (and match).
 # Vision-language, OCR and omni models run text-only through their conditional-generation class.
 TEXT_ARCHITECTURES = [
     "afmoe", "axk1", "axk2", "bailing_hybrid", "beam", "cohere2_moe", "deepseek_v2", "deepseek_v3",
-    "deepseek_v32", "deepseek_v4", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo", "flint", "gemma4",
-    "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "gpt_oss", "granitemoe", "granitemoe_swa", "granitemoehybrid",
-    "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "hy_v4", "jamba", "kimi_linear", "kolibri1", "laguna",
-    "lara_mini", "lfm2_moe", "mellum", "mimo_v2_flash", "minimax", "minimax_m2", "mistral4", "mixtral",
-    "nemotron_h", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "qwen3_next", "solar_open", "zaya",
+    "deepseek_v32", "deepseek_v4", "dots1", "ergo", "ernie4_5_moe", "exaone_moe", "flex_olmo", "flint",
+    "gemma4", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "gpt_oss", "granitemoe", "granitemoe_swa",
+    "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "hy_v4", "jamba", "kimi_linear",
+    "kolibri1", "kolibri1_1", "laguna", "lara_mini", "lfm2_moe", "longcat_flash", "mellum", "mimo_v2_flash",
+    "minicpm5_moe", "minimax", "minimax_m2", "mistral4", "mixtral", "nemotron_h", "olmoe", "phimoe",
+    "qwen2_moe", "qwen3_moe", "qwen3_next", "solar_open", "zaya",
 ]
 # Omni models (qwen3_omni_moe) run their thinker, the sub-model that writes text.
 VISION_LANGUAGE = [
     "aria", "deepseek_ocr2", "dots3_note", "ernie4_5_vl_moe", "glm4v_moe", "glm5_next", "hy_v4_vl", "inkling2",
     "inkling2_loop", "inkling_mm_model", "minimax_m3_vl", "mistral_large4", "muse_spark", "qwen3_5_moe",
-    "qwen3_omni_moe", "qwen3_vl_moe", "qwen4_exp", "unlimited_ocr",
+    "qwen3_omni_moe", "qwen3_vl_moe", "qwen4_exp", "step3p7", "unlimited_ocr",
 ]
 
 
