@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
+# user data (remembered kernel choices, profiles) of module- and session-scoped fixtures, which load
+# before the per-test folder below is set, never goes to the real home either
+os.environ["MOE_CHAT_DATA"] = tempfile.mkdtemp(prefix="moe-chat-tests-")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the engine and the app set it, before numpy loads
 # one CPU matmul backend for the whole suite, so results never depend on which one a timing favoured;
 # tests that want the other one or the timed choice ask for it

@@ -8,6 +8,11 @@ Scope `per_layer` gives every MoE layer an equal share of the slots (the seed pa
 pooled scope a policy with `layer_budget` (or `split=True`) has the pool split across layers by their
 measured demand (`budget.LayerBudget`): an admission into a layer below its quota evicts from a layer
 above its quota, otherwise within its own layer. Without it the globally weakest resident leaves.
+
+A policy with `copy_cap` never copies more than LRU would: a shadow LRU cache of the same size and
+scope replays the same accesses, each of its copies adds one to an allowance, and the policy's
+admissions and prefetches (through `after_access`) spend it. Copies cost PCIe time and host
+bandwidth, so a policy should win hits by choosing better, not by copying more.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .budget import LayerBudget
-from .policies import Policy
+from .policies import LRU, Policy
 
 
 @dataclass
@@ -29,6 +34,8 @@ class Admission:
 
 
 class ExpertCache:
+    TAU = 0.0
+    RES = 1.0
     def __init__(self, num_layers: int, num_experts: int, policy: Policy, capacity: int = 0,
                  scope: str = "per_layer", split: bool | None = None):
         if scope not in ("per_layer", "pooled"):
@@ -46,6 +53,8 @@ class ExpertCache:
         self.split = split  # None: as the policy says (`policy.layer_budget`)
         self.budget: LayerBudget | None = None
         self.quota: np.ndarray | None = None  # slots per layer while a demand-driven split is on
+        self.shadow: ExpertCache | None = None  # the LRU cache whose copies bound a `copy_cap` policy's
+        self.allowance = 0  # copies the shadow made and this cache has not
         self.resize(capacity, step=0)
 
     @property
@@ -133,7 +142,7 @@ class ExpertCache:
             return []
         return self._place(layer, np.asarray(experts), self.policy.priority(step), limit, reserve)
 
-    def prefetch(self, layer: int, step: int, reserve: bool = False) -> list[Admission]:
+    def prefetch(self, layer: int, step: int, reserve: bool = False, limit: int | None = None) -> list[Admission]:
         """Copy in, ahead of `layer`'s next access, the experts the policy forecasts it will need.
 
         At most `policy.prefetch_limit`, and no more than the forecast's expected misses (its use
@@ -141,15 +150,19 @@ class ExpertCache:
         should not copy more than demand admission would. The candidates enter best first by `admit`'s
         rules, with the layer's row of the priorities replaced by the forecast's scores, so the victim
         in the layer is the expert least likely to be needed next (pooled: or the weakest of any layer).
+        `limit`, if given, lowers the policy's cap further.
         """
-        limit = self.policy.prefetch_limit
-        if limit <= 0 or self.capacity == 0:
+        if self.policy.prefetch_limit <= 0 or self.capacity == 0:
             return []
-        forecast = self.policy.prefetch_scores(layer)
-        if forecast is None:
+        forecast = self.policy.prefetch_scores(layer)  # also when `limit` is 0: it re-scores the layer
+        limit = self.policy.prefetch_limit if limit is None else min(limit, self.policy.prefetch_limit)
+        if forecast is None or limit <= 0:
             return []
         scores, use = forecast
-        candidates = np.flatnonzero((use > 0) & (self.slot_of[layer] < 0) & ~self.reserved[layer])
+        candidates = (use > 0) & (self.slot_of[layer] < 0) & ~self.reserved[layer]
+        if self.policy.copy_cap and self.TAU:
+            candidates &= use >= self.TAU * max(0.0, 1.0 - self.allowance / (self.RES * self.num_layers))
+        candidates = np.flatnonzero(candidates)
         limit = min(limit, int(np.ceil(use[candidates].sum() - 1e-6)))
         if limit <= 0:
             return []
@@ -164,13 +177,32 @@ class ExpertCache:
         Admits the missed experts (at most `limit`) if the policy admits on demand, then prefetches
         for the next access: the next layer of the same token, or after the last layer, layer 0 of
         the next token. Returns every admission (the runtime copies them all, the simulator counts them).
+        With the policy's `copy_cap`, both together spend no more than the shadow LRU's allowance.
         """
         done: list[Admission] = []
         missed = np.asarray(missed, dtype=bool)
         self.observe(layer, experts, step)
+        allowed = None
+        if self.policy.copy_cap:
+            allowed = self.allowance = self.allowance + self._shadow_copies(layer, experts, step, limit)
         if self.policy.demand_admission and missed.any():
-            done += self.admit(layer, experts[missed], step, limit, reserve)
-        return done + self.prefetch((layer + 1) % self.num_layers, step, reserve)
+            done += self.admit(layer, experts[missed], step, limit if allowed is None else min(limit, allowed),
+                               reserve)
+        done += self.prefetch((layer + 1) % self.num_layers, step, reserve,
+                              None if allowed is None else allowed - len(done))
+        if allowed is not None:
+            self.allowance -= len(done)
+        return done
+
+    def _shadow_copies(self, layer: int, experts: np.ndarray, step: int, limit: int) -> int:
+        """Copies the shadow LRU makes for this access (created on first use, at this cache's size)."""
+        if self.shadow is None:
+            self.shadow = ExpertCache(self.num_layers, self.num_experts, LRU(self.num_layers, self.num_experts),
+                                      self.capacity, self.scope, split=False)
+        experts = np.asarray(experts, dtype=np.int64)
+        missed = self.shadow.lookup(layer, experts) < 0
+        self.shadow.policy.record(layer, experts, np.ones(len(experts)), step)
+        return len(self.shadow.after_access(layer, experts, missed, step, limit))
 
     def _place(self, layer: int, experts: np.ndarray, prio: np.ndarray, limit: int,
                reserve: bool) -> list[Admission]:
@@ -226,6 +258,8 @@ class ExpertCache:
         In-flight admissions are dropped: the caller waits for copies before resizing.
         """
         capacity = max(0, min(int(capacity), self.num_layers * self.num_experts))
+        if self.shadow is not None:
+            self.shadow.resize(capacity, step)
         self.reserved[:] = False
         self.capacity = capacity
         prio = self.policy.priority(step)

@@ -22,6 +22,7 @@ class Policy:
     prefetch_limit = 0  # experts per layer and step that `ExpertCache.prefetch` may copy in ahead of use
     demand_admission = True  # admit missed experts after an access (off: only prefetching copies)
     layer_budget = False  # pooled scope: split the pool across layers by measured demand (budget.py)
+    copy_cap = False  # never copy more than a shadow LRU cache of the same size would (expert_cache.py)
 
     def __init__(self, num_layers: int, num_experts: int, profile: np.ndarray | None = None):
         self.num_layers = num_layers
@@ -127,7 +128,12 @@ class Predictive(Policy):
     predicts layer l's far better than any history of layer l alone (on granite-3.0-1b-a400m, 0.74-0.84
     of the top-8 found, against about half for frequency), and the similarity above already holds it.
     So just before each layer's access the layer is re-scored with that forecast (`prefetch_scores`)
-    and the cache copies in what it expects to miss, a layer ahead of use.
+    and the cache copies in what it expects to miss, a layer ahead of use. The forecast blends the
+    similar tokens' vote with two reads of the co-occurrence with the layer before (the mean over this
+    token's experts there, and the strongest single one), by weights fitted per layer on the access
+    that follows each forecast (least squares with forgetting, shrunk to `blend_prior`): which read
+    predicts best differs by model (diffuse affinity favours the mean, one-to-one expert chains the
+    maximum). Its copies are capped at what LRU would copy (`copy_cap`).
     """
 
     name = "predictive"
@@ -137,6 +143,10 @@ class Predictive(Policy):
     layer_memory = 0.5  # weight of a layer's match per layer further down (1: all layers so far equal)
     pair_weight = 0.5  # share of the layer-to-layer forecast (co-occurrence with the layer before) in a prefetch
     pair_prior = 2.0  # pseudo-observations of the layer's overall frequency behind each co-occurrence row
+    # forecast blend: bias, similar tokens' vote, co-occurrence mean, co-occurrence max
+    blend_prior = np.array([0.0, 1 - pair_weight, pair_weight, 0.0])
+    blend_memory = 0.995  # forgetting of the blend's fit, per forecast
+    blend_ridge = 20.0  # the prior weighs as much as this many experts' outcomes
     lookahead = 4  # steps after a similar token that vote for the forecast
     vote_decay = 0.5
     gamma = 0.7  # proximity of the next use: gamma ** (steps - 1)
@@ -147,6 +157,7 @@ class Predictive(Policy):
     admission_margin = 0.05  # in proximity units: about a fifth fewer copies for a hit rate within 0.002
     prefetch_limit = 4  # copies per layer ahead of use; the expected misses usually bind first
     demand_admission = False  # a miss is forecast, and prefetched, at the next access if it matters
+    copy_cap = True  # at half the experts an uncapped forecast copies a fifth more than LRU
 
     def __init__(self, num_layers, num_experts, profile=None):
         super().__init__(num_layers, num_experts, profile)
@@ -186,6 +197,11 @@ class Predictive(Policy):
             self.freq = np.zeros((L, E))  # tokens per expert, and tokens, per layer
             self.tokens = np.zeros(L)
             self.now_ids: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * L  # this step's routing
+            n = len(self.blend_prior)
+            self.blend_A = np.zeros((L, n, n))
+            self.blend_b = np.zeros((L, n))
+            self.blend = np.tile(self.blend_prior, (L, 1))  # per layer: weights of the forecast's reads
+            self.pending: list[np.ndarray | None] = [None] * L  # the reads behind a layer's open forecast
         self.after: np.ndarray | None = None  # ring rows weighted by their predecessor's similarity
 
     def _new_step(self) -> None:
@@ -202,6 +218,10 @@ class Predictive(Policy):
             self.A = self.memory * self.A + X.T @ X / self.num_experts
             self.b = self.memory * self.b + X.T @ y / self.num_experts
             self.w = np.linalg.solve(self.A + self.ridge * np.eye(len(self.w)), self.b + self.ridge * self.prior)
+        if self.pair_weight and t >= 0:  # every layer's forecast blend, in one batched solve
+            n = len(self.blend_prior)
+            self.blend = np.linalg.solve(self.blend_A + self.blend_ridge * np.eye(n),
+                                         (self.blend_b + self.blend_ridge * self.blend_prior)[..., None])[..., 0]
         self.t = t = t + 1
         r = t % self.window
         self.hist[:, :, r] = 0
@@ -279,6 +299,8 @@ class Predictive(Policy):
         x[4:6] = stats[:2]
         np.multiply(stats[2], 1.0 / self.seen[layer], out=x[6])
         np.dot(self.w, x, out=self.score[layer])
+        if self.pair_weight and self.pending[layer] is not None:
+            self._score_blend(layer, u > 0)
         if self.pair_weight and len(experts):
             if layer and self.recorded[layer - 1] and len(self.now_ids[layer - 1]):
                 prev = self.now_ids[layer - 1]
@@ -289,6 +311,13 @@ class Predictive(Policy):
             self.now_ids[layer] = experts
         self.recorded[layer] = True
         self.last_t[layer] = self.t
+
+    def _score_blend(self, layer: int, used: np.ndarray) -> None:
+        """Add the access `layer`'s last forecast was for to the blend's fit (solved once per step)."""
+        F, self.pending[layer] = self.pending[layer], None
+        m = self.blend_memory
+        self.blend_A[layer] = m * self.blend_A[layer] + F @ F.T
+        self.blend_b[layer] = m * self.blend_b[layer] + F @ used
 
     def priority(self, step):
         return self.score
@@ -316,10 +345,15 @@ class Predictive(Policy):
         if self.pair_weight and not self.recorded[layer] and layer and self.recorded[layer - 1]:
             prev = self.now_ids[layer - 1]
             if len(prev) and self.tokens[layer]:
-                # P(e at layer | e' at layer - 1), shrunk to the layer's frequency, averaged over e'
+                # P(e at layer | e' at layer - 1), shrunk to the layer's frequency, for each e' of this token
                 f = self.freq[layer] / self.tokens[layer]
                 cond = (self.pair[layer][prev] + self.pair_prior * f) / (self.pair_n[layer, prev, None] + self.pair_prior)
-                use = (1 - self.pair_weight) * use + self.pair_weight * cond.mean(axis=0)
+                F = np.empty((len(self.blend_prior), self.num_experts))
+                F[0], F[1] = 1.0, use
+                cond.mean(axis=0, out=F[2])
+                cond.max(axis=0, out=F[3])
+                self.pending[layer] = F  # scored against this access in `record`
+                use = np.clip(self.blend[layer] @ F, 0.0, 1.0)
         x[1] = use
         np.dot(self.w, x, out=self.score[layer])
         return self.score[layer], use

@@ -1,10 +1,12 @@
 """The CPU miss path: the CPU copy of every MoE layer's experts and how the CPU computes them.
 
-Two choices are made here by measuring this machine at load, never by a winner from another one:
+Three choices are made here by measuring this machine at load, never by a winner from another one:
 whether a decode step's experts are split over the cores (MKL runs a one-token matmul on one core
-whatever the thread count, so the others would idle), and which CPU backend computes them (torch or
-numpy, or the int8/int4 kernels' activation dtype, see `expert_math`). They are remembered per machine
-and weight shape (`kernel_choices`), so later loads skip the measurement.
+whatever the thread count, so the others would idle), how many intra-op threads a decode step that
+is not split runs with (all, or one: idle OpenMP workers spin on a core that something else wants,
+which made one-row products 5x slower on a loaded 2-core machine), and which CPU backend computes
+them (torch or numpy, or the int8/int4 kernels' activation dtype, see `expert_math`). They are
+remembered per machine and weight shape (`kernel_choices`), so later loads skip the measurement.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ from .interface import expert_tensors
 from .kernel_choices import remembered
 
 MAX_SPLIT_WAYS = 8  # past about 8 cores a desktop's memory bandwidth is spent; more ways only add hand-overs
+
+
+def describe(backend: str, split: bool, threads: int) -> str:
+    """How `us_per_step` names a candidate: "torch split", "numpy", "torch 1 thread"."""
+    return backend + (" split" if split else " 1 thread" if threads == 1 else "")
 
 
 class CpuExperts:
@@ -45,7 +52,8 @@ class CpuExperts:
         choices = [pinned] if pinned in choices else choices
         ways = min(self.threads, MAX_SPLIT_WAYS)
         self.split: SplitRunner | None = None
-        self.choice, self.remembered = {"backend": choices[0] if choices else self.backend, "split": False}, False
+        self.choice = {"backend": choices[0] if choices else self.backend, "split": False, "threads": self.threads}
+        self.remembered = False
         if choices and (len(choices) > 1 or ways > 1):
             shape = {"format": self.format, "dtype": str(self.weights[0].w1.dtype).removeprefix("torch."),
                      "matrices": self.weights[0].matrices(), "experts": len(self.weights[0].mats1),
@@ -53,6 +61,8 @@ class CpuExperts:
             self.choice, self.remembered = remembered("cpu-experts", shape, lambda: self._measure(choices, ways))
         if self.choice["split"]:
             self.split = SplitRunner(workers=ways - 1)
+        # threads of a decode step: one beside a split (its workers are the other cores), else measured
+        self.decode_threads_count = 1 if self.split is not None else self.choice.get("threads", self.threads)
         if self.choice["backend"] != self.backend:
             self.use_backend(self.choice["backend"])
         # with everything on the CPU, a decode step's large one-row matmuls split over the cores as well
@@ -69,10 +79,10 @@ class CpuExperts:
         self.backend = self.weights[0].backend
 
     def _measure(self, choices: list[str], ways: int) -> dict:
-        """Time a decode step's CPU experts with each backend, split over `ways` cores and not (the
-        hand-off to the split's threads is part of what is timed), as decode runs them, over up to
-        64 MiB of experts so that they come from memory, not cache. The default (first backend, split)
-        is kept unless another is 5% faster."""
+        """Time a decode step's CPU experts with each backend: split over `ways` cores (the hand-off
+        to the split's threads is part of what is timed), or not split with all intra-op threads or
+        one, as decode runs them, over up to 64 MiB of experts so that they come from memory, not
+        cache. The default (first backend, split) is kept unless another is 5% faster."""
         num_experts = len(self.weights[0].mats1)
         top_k = min(4, num_experts)
         expert_bytes = self.weights[0].w1[0].nbytes + self.weights[0].w2[0].nbytes
@@ -83,10 +93,11 @@ class CpuExperts:
         gates = [1.0 / top_k] * top_k
         rows = np.arange(top_k)
         runner = SplitRunner(workers=ways - 1) if ways > 1 else None
-        candidates = [(b, split) for b in choices for split in ((True, False) if runner else (False,))]
+        layouts = [(True, 1), (False, self.threads), (False, 1)] if runner else [(False, 1)]
+        candidates = [(b, split, threads) for b in choices for split, threads in layouts]
 
-        def seconds(candidate: tuple[str, bool], part: list) -> float:
-            backend, split = candidate
+        def seconds(candidate: tuple[str, bool, int], part: list) -> float:
+            backend, split, self.decode_threads_count = candidate
             self.split = runner if split else None
             self.use_backend(backend)
             with self.decode_threads():
@@ -112,19 +123,20 @@ class CpuExperts:
                 runner.close()
         default = candidates[0] if candidates[0] in best else min(best, key=best.get)
         fastest = min(best, key=best.get)
-        backend, split = fastest if best[fastest] < 0.95 * best[default] else default
-        per_step = {f"{b}{' split' if s else ''}": round(t / len(groups) * 1e6, 1) for (b, s), t in best.items()}
-        return {"backend": backend, "split": split, "us_per_step": per_step}
+        backend, split, threads = fastest if best[fastest] < 0.95 * best[default] else default
+        per_step = {describe(*c): round(t / len(groups) * 1e6, 1) for c, t in best.items()}
+        return {"backend": backend, "split": split, "threads": threads, "us_per_step": per_step}
 
     # -- threads -----------------------------------------------------------------------------------
     def begin_step(self, tokens: int) -> None:
         """A decode step's matmuls are one-token and run on one core whatever the thread count, while
-        idle OpenMP workers would spin on the core the split wants: one intra-op thread, split experts."""
-        if self.split is not None and tokens == 1:
-            torch.set_num_threads(1)
+        idle OpenMP workers would spin on the core the split wants: one intra-op thread beside a split,
+        else the measured count."""
+        if tokens == 1 and self.decode_threads_count != self.threads:
+            torch.set_num_threads(self.decode_threads_count)
 
     def end_step(self) -> None:
-        if self.split is not None:
+        if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
 
     @contextlib.contextmanager

@@ -131,9 +131,10 @@ class HybridRuntime:
 
     @property
     def kernel_choice(self) -> dict:
-        """The CPU experts' backend and split as measured at load, and whether remembered from before."""
+        """The CPU experts' backend, split and decode threads as measured at load, and whether remembered
+        from before."""
         return {**self.cpu.choice, "backend": self.cpu.backend, "split": self.cpu.split is not None,
-                "remembered": self.cpu.remembered}
+                "threads": self.cpu.decode_threads_count, "remembered": self.cpu.remembered}
 
     def set_cpu_matmul(self, backend: str) -> None:
         with self._step_lock:

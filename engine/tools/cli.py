@@ -402,6 +402,8 @@ def describe_choice(choice: dict) -> str:
     how = "remembered from an earlier load" if choice.get("remembered") else "measured at load"
     times = ", ".join(f"{k} {v:.0f} us" for k, v in choice.get("us_per_step", {}).items())
     split = "split over the cores" if choice.get("split") else "not split"
+    threads = choice.get("threads")
+    split += f", {threads} intra-op thread{'s' if threads != 1 else ''} a decode step" if threads else ""
     return f"{choice.get('backend')}, {split} ({how}{'; per step: ' + times if times else ''})"
 
 

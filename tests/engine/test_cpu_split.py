@@ -114,3 +114,29 @@ def test_no_split_where_the_measurement_says_so(tiny_model_factory, monkeypatch)
         assert loaded.runtime.cpu.split is None and loaded.runtime.kernel_choice["split"] is False
     finally:
         torch.set_num_threads(1)
+
+
+def test_a_decode_step_runs_with_the_measured_thread_count(tiny_model_factory, monkeypatch):
+    """Not split, one intra-op thread measured faster: decode steps run on one, prefill and the
+    caller's count stay at two, and the tokens are those of a single-threaded load."""
+    import torch
+
+    from engine import GenerationParams, Session, load_model
+    from engine.moe import cpu_experts
+
+    monkeypatch.setattr(cpu_experts.CpuExperts, "_measure",
+                        lambda self, choices, ways: {"backend": choices[0], "split": False, "threads": 1})
+    path = tiny_model_factory("qwen3_moe")
+    params = GenerationParams(max_new_tokens=6, greedy=True, repetition_penalty=1.0)
+    expected = [e.token_id for e in Session(load_model(path, device="cpu", threads=1, profile=None)).generate(
+        [5, 6, 7, 8], params)]
+    try:
+        loaded = load_model(path, device="cpu", threads=2, profile=None)
+        seen = []
+        loaded.runtime.add_observer(lambda event: seen.append((event.hidden_states.shape[0], torch.get_num_threads())))
+        assert [e.token_id for e in Session(loaded).generate([5, 6, 7, 8], params)] == expected
+        assert {threads for rows, threads in seen if rows == 1} == {1}
+        assert {threads for rows, threads in seen if rows > 1} == {2}
+        assert torch.get_num_threads() == 2 and loaded.runtime.kernel_choice["threads"] == 1
+    finally:
+        torch.set_num_threads(1)
