@@ -34,8 +34,6 @@ class Admission:
 
 
 class ExpertCache:
-    TAU = 0.0
-    RES = 1.0
     def __init__(self, num_layers: int, num_experts: int, policy: Policy, capacity: int = 0,
                  scope: str = "per_layer", split: bool | None = None):
         if scope not in ("per_layer", "pooled"):
@@ -150,7 +148,9 @@ class ExpertCache:
         should not copy more than demand admission would. The candidates enter best first by `admit`'s
         rules, with the layer's row of the priorities replaced by the forecast's scores, so the victim
         in the layer is the expert least likely to be needed next (pooled: or the weakest of any layer).
-        `limit`, if given, lowers the policy's cap further.
+        `limit`, if given, lowers the policy's cap further. Under a `copy_cap` a candidate's use must
+        reach `policy.prefetch_confidence`, scaled down to 0 as the allowance grows to one copy per
+        layer: when copies are scarce they go to the surest forecasts, not to the first layer asking.
         """
         if self.policy.prefetch_limit <= 0 or self.capacity == 0:
             return []
@@ -160,8 +160,8 @@ class ExpertCache:
             return []
         scores, use = forecast
         candidates = (use > 0) & (self.slot_of[layer] < 0) & ~self.reserved[layer]
-        if self.policy.copy_cap and self.TAU:
-            candidates &= use >= self.TAU * max(0.0, 1.0 - self.allowance / (self.RES * self.num_layers))
+        if self.policy.copy_cap:  # the scarcer the allowance, the surer a prefetch must be
+            candidates &= use >= self.policy.prefetch_confidence * max(0.0, 1.0 - self.allowance / self.num_layers)
         candidates = np.flatnonzero(candidates)
         limit = min(limit, int(np.ceil(use[candidates].sum() - 1e-6)))
         if limit <= 0:

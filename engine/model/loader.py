@@ -84,6 +84,7 @@ class ModelInfo:
     ships_code: bool = False  # config.json's auto_map names Python files of the folder's own
     runs_own_code: bool = False  # ... and the user allowed them to run (else the built-in implementation runs)
     code_note: str = ""  # what runs, in words, for such a folder
+    checkpoint_quantization: str = ""  # "fp8" or "mxfp4": the checkpoint's own format, dequantized as it loads
 
     def expert_bytes_in(self, fmt: str) -> int:
         """One expert's bytes when held in `fmt` (biases stay at the source precision)."""
@@ -227,6 +228,26 @@ def resolve_source(source: str | os.PathLike) -> Path:
         f"no model at {text!r}: it is neither a folder nor a model id in the local Hugging Face cache "
         "(MoE Chat never downloads; copy the model folder to this machine first)"
     )
+
+
+# Pre-quantized checkpoints transformers dequantizes on the CPU one tensor at a time, so the engine's
+# quantized reading gets them like source-precision weights: FP8 block-scaled (Qwen3 and DeepSeek -FP8
+# releases) and GPT-OSS's MXFP4 experts.
+CHECKPOINT_QUANTIZATIONS = ("fp8", "mxfp4")
+
+
+def _checkpoint_quantization(path: Path, raw: dict) -> str:
+    """The checkpoint's own quantization ("" for none); one the engine cannot read is refused by name."""
+    qc = raw.get("quantization_config")
+    if not qc:
+        return ""
+    method = str(qc.get("quant_method", "unknown")) if isinstance(qc, dict) else "unknown"
+    if method not in CHECKPOINT_QUANTIZATIONS:
+        raise ModelError(
+            f"{path.name} is quantized with {method!r}, which MoE Chat cannot load (it reads FP8 and MXFP4 "
+            "checkpoints); use the model's original bf16/fp16 release, which MoE Chat quantizes itself "
+            "(int8/int4), or a GGUF file of it")
+    return method
 
 
 def _read_config(path: Path) -> dict:
@@ -586,6 +607,7 @@ def inspect_model(source: str | os.PathLike, *, trust_remote_code: bool | None =
         return gguf.inspect_gguf(source)
     path = resolve_source(source)
     raw = _read_config(path)
+    quantization = _checkpoint_quantization(path, raw)
     trust_remote_code = _trusted(path, trust_remote_code)
     config = _make_config(path, raw, trust_remote_code)
     _check_config(path, config)
@@ -627,6 +649,7 @@ def inspect_model(source: str | os.PathLike, *, trust_remote_code: bool | None =
         ships_code=ships_code(raw),
         runs_own_code=ships_code(raw) and trust_remote_code,
         code_note=code_note(path, raw, trust_remote_code),
+        checkpoint_quantization=quantization,
     )
 
 

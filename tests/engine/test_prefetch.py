@@ -126,10 +126,9 @@ def test_replay_follows_the_runtime_sequence(policy, scope):
             if experts.size:
                 pol.record(layer, experts, counts, step)
             hits += int(counts[slots >= 0].sum())
-            missed = slots < 0
-            if missed.any() and pol.demand_admission:
-                copies += len(cache.admit(layer, experts[missed], step, limit=top_k))
-            copies += len(cache.prefetch((layer + 1) % layers, step))  # after the last layer: layer 0
+            # demand admissions, then the prefetch of the next layer (after the last layer: layer 0), within
+            # the copy cap: the scheduler's call
+            copies += len(cache.after_access(layer, experts, slots < 0, step, limit=top_k))
     rep = replay(t, policy, 5, scope)
     assert (rep.hits.sum(), rep.admissions.sum()) == (hits, copies)
 
