@@ -148,9 +148,9 @@ class ExpertCache:
         should not copy more than demand admission would. The candidates enter best first by `admit`'s
         rules, with the layer's row of the priorities replaced by the forecast's scores, so the victim
         in the layer is the expert least likely to be needed next (pooled: or the weakest of any layer).
-        `limit`, if given, lowers the policy's cap further. Under a `copy_cap` a candidate's use must
-        reach `policy.prefetch_confidence`, scaled down to 0 as the allowance grows to one copy per
-        layer: when copies are scarce they go to the surest forecasts, not to the first layer asking.
+        `limit`, if given, lowers the policy's cap further. A candidate's use must reach
+        `policy.prefetch_confidence` times `_scarcity()`: when copies are scarce they go to the surest
+        forecasts, not to the first layer asking.
         """
         if self.policy.prefetch_limit <= 0 or self.capacity == 0:
             return []
@@ -160,8 +160,8 @@ class ExpertCache:
             return []
         scores, use = forecast
         candidates = (use > 0) & (self.slot_of[layer] < 0) & ~self.reserved[layer]
-        if self.policy.copy_cap:  # the scarcer the allowance, the surer a prefetch must be
-            candidates &= use >= self.policy.prefetch_confidence * max(0.0, 1.0 - self.allowance / self.num_layers)
+        if self.policy.prefetch_confidence:
+            candidates &= use >= self.policy.prefetch_confidence * self._scarcity()
         candidates = np.flatnonzero(candidates)
         limit = min(limit, int(np.ceil(use[candidates].sum() - 1e-6)))
         if limit <= 0:
@@ -195,14 +195,25 @@ class ExpertCache:
         return done
 
     def _shadow_copies(self, layer: int, experts: np.ndarray, step: int, limit: int) -> int:
-        """Copies the shadow LRU makes for this access (created on first use, at this cache's size)."""
+        """Copies the shadow LRU makes for this access. Created on first use, holding what this cache
+        holds (a preloaded profile, or a previous policy's choice): it counts copies from here on."""
         if self.shadow is None:
             self.shadow = ExpertCache(self.num_layers, self.num_experts, LRU(self.num_layers, self.num_experts),
                                       self.capacity, self.scope, split=False)
+            for held, e in zip(*np.nonzero(self.slot_of >= 0)):
+                self.shadow._take(int(held), int(e), None)
         experts = np.asarray(experts, dtype=np.int64)
         missed = self.shadow.lookup(layer, experts) < 0
         self.shadow.policy.record(layer, experts, np.ones(len(experts)), step)
         return len(self.shadow.after_access(layer, experts, missed, step, limit))
+
+    def _scarcity(self) -> float:
+        """How dear a copy is, 0..1: 1 without a `copy_cap`; under one, 1 with no allowance left, falling
+        to 0 at one spare copy per layer. It scales the prefetch confidence bar, so that bar rations
+        copies only while LRU's budget binds."""
+        if not self.policy.copy_cap:
+            return 1.0
+        return max(0.0, 1.0 - self.allowance / self.num_layers)
 
     def _place(self, layer: int, experts: np.ndarray, prio: np.ndarray, limit: int,
                reserve: bool) -> list[Admission]:

@@ -142,7 +142,7 @@ class Predictive(Policy):
     window = 256  # past steps kept for context matching
     sharpness = 20.0  # softmax temperature over routing similarity (similarity is in 0..1)
     layer_memory = 0.5  # weight of a layer's match per layer further down (1: all layers so far equal)
-    pair_weight = 0.5  # share of the layer-to-layer forecast (co-occurrence with the layer before) in a prefetch
+    pair_weight = 0.5  # prior share of the layer-to-layer forecast (co-occurrence with the layer before) in a prefetch
     pair_prior = 2.0  # pseudo-observations of the layer's overall frequency behind each co-occurrence row
     # forecast blend: bias, similar tokens' vote, co-occurrence mean, co-occurrence max
     blend_prior = np.array([0.0, 1 - pair_weight, pair_weight, 0.0])

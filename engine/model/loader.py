@@ -899,9 +899,9 @@ def _from_pretrained(cls, path: Path, dtype, experts: bool, trust_remote_code: b
     return model
 
 
-def _cpu_layouts(model: torch.nn.Module, experts: list[torch.nn.Module]) -> tuple[str, str]:
-    """(experts', dense layers') layout for one-token products on the CPU (`cpu_layout`), measured on
-    the first source-precision expert matrix, else the first linear layer's weight."""
+def _cpu_layout(model: torch.nn.Module, experts: list[torch.nn.Module]) -> tuple[str, str]:
+    """(layout, product) of one-token products on the CPU (`cpu_layout`), measured on the first
+    source-precision expert matrix, else the first linear layer's weight."""
     from ..moe.cpu_layout import one_row_layout
 
     ref = next((p for m in experts for n in expert_tensor_names(m) if not n.endswith("_bias")
@@ -911,9 +911,9 @@ def _cpu_layouts(model: torch.nn.Module, experts: list[torch.nn.Module]) -> tupl
     else:
         ref = next((m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.is_meta), None)
         if ref is None:
-            return "in-out", "in-out"
+            return "in-out", "mm"
         out_features, in_features = ref.shape
-    return tuple(one_row_layout(ref.dtype, int(out_features), int(in_features), mv) for mv in (True, False))
+    return one_row_layout(ref.dtype, int(out_features), int(in_features))
 
 
 def _pinned(t: torch.Tensor) -> torch.Tensor:
@@ -930,7 +930,7 @@ def _place(model: torch.nn.Module, experts: list[torch.nn.Module], device: torch
     page in from the disk (`pin_experts=False`) stay mapped: pinning would copy them all into RAM.
     """
     owner = {id(getattr(m, n)): m for m in experts for n in expert_tensor_names(m)}
-    expert_layout, dense_layout = _cpu_layouts(model, experts)
+    layout, product = _cpu_layout(model, experts)
     placed: dict[int, torch.nn.Parameter] = {}
     total = sum(p.numel() for p in model.parameters()) or 1
     done = 0
@@ -946,13 +946,14 @@ def _place(model: torch.nn.Module, experts: list[torch.nn.Module], device: torch
                 expert_module = owner.get(id(p))
                 if expert_module is not None:
                     if data.dim() == 3:
-                        data = laid_out(data, not expert_module.is_transposed, expert_layout)
+                        data = laid_out(data, not expert_module.is_transposed, layout)
                     if device.type == "cuda":
                         data = _pinned(data)
                 else:
                     data = data.to(device)
                     if device.type == "cpu" and isinstance(module, torch.nn.Linear) and name == "weight":
-                        data = laid_out(data, True, dense_layout)
+                        data = laid_out(data, True, layout)
+                        module._moe_one_row_mv = product == "mv"  # `OneRowLinear` multiplies a token by mv
                 placed[id(p)] = torch.nn.Parameter(data, requires_grad=False)
                 step = p.numel() / total
                 done += p.numel()

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .cpu_split import SplitRunner, split_linears
+from .cpu_split import SplitRunner, one_row_linears
 from .expert_math import CPU_BACKENDS, ExpertWeights, expert_ffn, expert_ffn_combined
 from .interface import expert_tensors
 from .kernel_choices import remembered
@@ -66,7 +66,7 @@ class CpuExperts:
         if self.choice["backend"] != self.backend:
             self.use_backend(self.choice["backend"])
         # with everything on the CPU, a decode step's large one-row matmuls split over the cores as well
-        self.split_linears = split_linears(model, self.split) if self.split is not None and simulated_cache else []
+        self.one_row_linears = one_row_linears(model, self.split if simulated_cache else None)
 
     def use_backend(self, name: str) -> None:
         """Which backend computes the CPU experts ("torch", "torch-mv" or "numpy" for source weights, "int8-bf16",
@@ -171,8 +171,8 @@ class CpuExperts:
         return expert_ffn_combined(module, x, experts, gates, self.weights[layer], self.split)
 
     def close(self) -> None:
-        for linear in self.split_linears:
+        for linear in self.one_row_linears:
             del linear.forward  # back to nn.Linear.forward
-        self.split_linears = []
+        self.one_row_linears = []
         if self.split is not None:
             self.split.close()

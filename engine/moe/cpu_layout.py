@@ -6,7 +6,7 @@ weights), and which one streams faster depends on the CPU, the BLAS and the dtyp
 Intel Xeon, bfloat16 "out-in" by matrix-vector product runs 3-4x faster than "in-out", while float32
 is about even there and other machines have preferred "in-out" 2:1. So it is measured, once per
 machine, dtype and shape of the first expert matrix (remembered by `kernel_choices`), over more bytes
-than a large L3 holds; the model's other matrices follow that choice.
+than a large L3 holds; the model's other matrices, dense layers included, follow that choice.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from .kernel_choices import remembered
 
 LAYOUTS = ("in-out", "out-in")
-LAYOUT_ENV = "MOE_CHAT_CPU_LAYOUT"  # pins one of LAYOUTS (tests, diagnostics)
+LAYOUT_ENV = "MOE_CHAT_CPU_LAYOUT"  # pins one of LAYOUTS, "out-in mv" also the product (tests, diagnostics)
 MEASURE_BYTES = 160 * 2**20  # per layout timed: past most L3s, so the weights come from memory
 
 
@@ -59,21 +59,23 @@ def _measure(dtype: torch.dtype, out_features: int, in_features: int) -> dict:
     return {"us_per_matrix": {k: round(v / count * 1e6, 2) for k, v in times.items()}}
 
 
-def _pick(times: dict, products: tuple[str, ...]) -> str:
-    """The faster layout by its best product in `products`; in-out unless out-in is 5% faster."""
-    best = {layout: min(times[f"{layout} {p}"] for p in products if f"{layout} {p}" in times) for layout in LAYOUTS}
-    return "out-in" if best["out-in"] < 0.95 * best["in-out"] else "in-out"
+def _pick(times: dict) -> tuple[str, str]:
+    """(layout, product) of the fastest; in-out by mm unless another is 5% faster."""
+    t, layout, product = min((t, *k.split(" ")) for k, t in times.items())
+    return (layout, product) if t < 0.95 * times["in-out mm"] else ("in-out", "mm")
 
 
-def one_row_layout(dtype: torch.dtype, out_features: int, in_features: int, mv: bool) -> str:
-    """"in-out" or "out-in": the faster layout of B [in, out] for one token here, by matmul alone
-    (nn.Linear) or also by matrix-vector product (`mv`: the experts' `torch-mv` backend)."""
+def one_row_layout(dtype: torch.dtype, out_features: int, in_features: int) -> tuple[str, str]:
+    """(layout, product): the fastest way to multiply one token by B [in, out] here: its layout
+    ("in-out" or "out-in") and product ("mm", or "mv": the experts' `torch-mv` backend, the dense
+    layers' `OneRowLinear`)."""
     pinned = os.environ.get(LAYOUT_ENV, "")
-    if pinned in LAYOUTS:
-        return pinned
+    if pinned in LAYOUTS or pinned == "out-in mv":
+        layout, _, product = pinned.partition(" ")
+        return layout, product or "mm"
     shape = {"dtype": str(dtype).removeprefix("torch."), "matrix": [out_features, in_features]}
     choice, _ = remembered("one-row layout", shape, lambda: _measure(dtype, out_features, in_features))
-    return _pick(choice["us_per_matrix"], ("mm", "mv") if mv else ("mm",))
+    return _pick(choice["us_per_matrix"])
 
 
 def laid_out(t: torch.Tensor, b_transposed: bool, layout: str) -> torch.Tensor:

@@ -60,19 +60,28 @@ def test_many_ways_keep_order_and_cut_evenly():
     assert chunks([1, 2], 4) == [[1], [2]]
 
 
-def test_split_linear_matches_linear_and_leaves_batches_alone():
+@pytest.mark.parametrize("mv", [False, True], ids=["mm", "mv"])
+@pytest.mark.parametrize("split", [False, True], ids=["one core", "split"])
+def test_one_row_linear_matches_linear_and_leaves_batches_alone(mv, split):
     import torch
 
-    from engine.moe.cpu_split import SplitLinear
+    from engine.moe.cpu_split import OneRowLinear
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 96)
-    runner = SplitRunner()
-    split = SplitLinear(linear, runner)
+    linear._moe_one_row_mv = mv
+    runner = SplitRunner() if split else None
+    one_row = OneRowLinear(linear, runner)
     one, many = torch.randn(1, 1, 64), torch.randn(5, 64)
-    assert torch.allclose(split(one), linear(one), atol=1e-6) and split(one).shape == (1, 1, 96)
-    assert torch.equal(split(many), linear(many))  # a prompt's rows: the stock path, untouched
-    runner.close()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a decode step runs beside a split
+    try:
+        assert torch.allclose(one_row(one), linear(one), atol=1e-6) and one_row(one).shape == (1, 1, 96)
+        assert torch.equal(one_row(many), linear(many))  # a prompt's rows: the stock path, untouched
+    finally:
+        torch.set_num_threads(threads)
+        if runner is not None:
+            runner.close()
 
 
 def test_two_threads_split_decode_and_restore_the_thread_count(tiny_model_factory, monkeypatch):
@@ -80,7 +89,7 @@ def test_two_threads_split_decode_and_restore_the_thread_count(tiny_model_factor
 
     from engine import GenerationParams, Session, load_model
     from engine.moe import cpu_experts
-    from engine.moe.cpu_split import split_linears
+    from engine.moe.cpu_split import one_row_linears
 
     monkeypatch.setattr(cpu_experts.CpuExperts, "_measure", lambda self, choices, ways: {"backend": choices[0], "split": True})
 
@@ -92,8 +101,8 @@ def test_two_threads_split_decode_and_restore_the_thread_count(tiny_model_factor
     rt = loaded.runtime
     try:
         assert rt.cpu.split is not None and torch.get_num_threads() == 2
-        linears = split_linears(loaded.model, rt.cpu.split, min_bytes=0)  # tiny layers: split them all here
-        rt.cpu.split_linears += linears
+        linears = one_row_linears(loaded.model, rt.cpu.split, min_bytes=0)  # tiny layers: split them all here
+        rt.cpu.one_row_linears += linears
         assert [e.token_id for e in Session(loaded).generate([5, 6, 7, 8], params)] == expected
         assert torch.get_num_threads() == 2  # a decode step's single thread is given back after the step
     finally:

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from engine import GenerationParams, Session, load_model
 from engine.cache.policies import POLICIES
+from engine.moe.cpu_split import OneRowLinear
 from tiny_models import ARCHITECTURES
 
 PROMPT = [5, 17, 42, 99, 7, 3, 250, 11, 64, 128]
@@ -115,14 +116,16 @@ def test_numpy_cpu_matmuls(tiny_model_factory, arch, force_slots):
 @pytest.mark.parametrize("force_slots", [False, True], ids=["simulated", "slots"])
 def test_out_in_layout_by_mv_and_by_mm(tiny_model_factory, arch, force_slots, monkeypatch):
     """Weights held out-in (as checkpoints ship them; chosen where it streams faster, see cpu_layout):
-    experts by torch.mv and by mm, on one thread and split over two, give stock's tokens."""
-    monkeypatch.setenv("MOE_CHAT_CPU_LAYOUT", "out-in")
+    experts by torch.mv and by mm, dense layers by torch.mv, on one thread and split over two, give
+    stock's tokens."""
+    monkeypatch.setenv("MOE_CHAT_CPU_LAYOUT", "out-in mv")
     path = tiny_model_factory(arch)
     expected = reference_tokens(path)
     loaded = load_model(path, device="cpu", budget=0.3, force_slots=force_slots, profile=None)
     rt = loaded.runtime
     assert all(w.out_in for w in rt.cpu.weights)
-    assert all(m.weight.is_contiguous() for m in loaded.model.modules() if isinstance(m, torch.nn.Linear))
+    linears = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(m.weight.is_contiguous() and isinstance(vars(m).get("forward"), OneRowLinear) for m in linears)
     for backend in ("torch-mv", "torch"):
         rt.set_cpu_matmul(backend)
         assert rt.cpu_matmul == backend
@@ -131,9 +134,9 @@ def test_out_in_layout_by_mv_and_by_mm(tiny_model_factory, arch, force_slots, mo
 
 
 def test_bf16_out_in_cache_never_changes_tokens(tiny_model_factory, monkeypatch):
-    """bfloat16 experts by torch.mv: budget 0, partial and all, simulated and forced slots, the same
+    """bfloat16 experts and dense layers by torch.mv: budget 0, partial and all, simulated and forced slots, the same
     tokens (and stock transformers' on this tiny model)."""
-    monkeypatch.setenv("MOE_CHAT_CPU_LAYOUT", "out-in")
+    monkeypatch.setenv("MOE_CHAT_CPU_LAYOUT", "out-in mv")
     monkeypatch.setenv("MOE_CHAT_CPU_MATMUL", "torch-mv")
     path = tiny_model_factory("qwen3_moe", dtype=torch.bfloat16)
     got = []

@@ -119,11 +119,13 @@ def test_layout_is_measured_once_and_picked_per_product(monkeypatch):
     calls = []
     times = {"us_per_matrix": {"in-out mm": 10.0, "out-in mm": 9.8, "out-in mv": 3.0}}
     monkeypatch.setattr(cpu_layout, "_measure", lambda *a: calls.append(a) or times)
-    assert cpu_layout.one_row_layout(torch.bfloat16, 64, 32, mv=True) == "out-in"  # the experts' torch.mv
-    assert cpu_layout.one_row_layout(torch.bfloat16, 64, 32, mv=False) == "in-out"  # nn.Linear: mm, not 5% off
+    assert cpu_layout.one_row_layout(torch.bfloat16, 64, 32) == ("out-in", "mv")
+    assert cpu_layout.one_row_layout(torch.bfloat16, 64, 32) == ("out-in", "mv")
     assert len(calls) == 1
+    times["us_per_matrix"] = {"in-out mm": 10.0, "out-in mm": 9.8, "out-in mv": 9.9}  # not 5% off: in-out
+    assert cpu_layout.one_row_layout(torch.float16, 64, 32) == ("in-out", "mm")
     monkeypatch.setenv(cpu_layout.LAYOUT_ENV, "out-in")
-    assert cpu_layout.one_row_layout(torch.bfloat16, 64, 32, mv=False) == "out-in"
+    assert cpu_layout.one_row_layout(torch.bfloat16, 64, 32) == ("out-in", "mm")
 
 
 def test_layout_measurement_times_every_product():
