@@ -14,7 +14,8 @@ use comes soonest. That greedy choice is optimal for hit count (the classic exch
 tests check it against brute force), per layer for `per_layer` and over all layers for `pooled`.
 It is the optimum of demand caching only: a prefetching policy (`predictive`) copies experts in before
 they are requested, which no demand cache can do, so it is not bounded by this number and may beat it
-(a gap "closed" above 1). Its price is in the copies column: compare bytes fetched, not hit rate alone.
+(a gap "closed" above 1). Its price is in the copies column: compare bytes fetched, not hit rate alone
+(its `copy_cap` keeps them at or below LRU's: a shadow LRU in the cache sets the allowance).
 With --skip-prefill the prefill rows are still replayed (they warm the cache, as in the engine) but not
 counted, and a next use in an uncounted row counts as never.
 
