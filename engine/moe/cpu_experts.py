@@ -19,12 +19,24 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .cpu_split import SplitRunner, one_row_linears
+from .cpu_split import SplitRunner, one_row_linear, one_row_linears
 from .expert_math import CPU_BACKENDS, ExpertWeights, expert_ffn, expert_ffn_combined
 from .interface import expert_tensors
 from .kernel_choices import remembered
 
 MAX_SPLIT_WAYS = 8  # past about 8 cores a desktop's memory bandwidth is spent; more ways only add hand-overs
+
+
+def _dense_linears(model: torch.nn.Module, max_bytes: int = 32 * 2**20) -> list[torch.nn.Linear]:
+    """The model's CPU linear layers, in order, up to `max_bytes` of weights."""
+    out, total = [], 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m.weight.device.type == "cpu" and not m.weight.is_meta:
+            total += m.weight.nbytes
+            if total > max_bytes:
+                break
+            out.append(m)
+    return out
 
 
 def describe(backend: str, split: bool, threads: int) -> str:
@@ -54,6 +66,7 @@ class CpuExperts:
         self.split: SplitRunner | None = None
         self.choice = {"backend": choices[0] if choices else self.backend, "split": False, "threads": self.threads}
         self.remembered = False
+        self._dense = _dense_linears(model) if simulated_cache else []  # timed with the experts
         if choices and (len(choices) > 1 or ways > 1):
             shape = {"format": self.format, "dtype": str(self.weights[0].w1.dtype).removeprefix("torch."),
                      "matrices": self.weights[0].matrices(), "experts": len(self.weights[0].mats1),
@@ -82,7 +95,8 @@ class CpuExperts:
         """Time a decode step's CPU experts with each backend: split over `ways` cores (the hand-off
         to the split's threads is part of what is timed), or not split with all intra-op threads or
         one, as decode runs them, over up to 64 MiB of experts so that they come from memory, not
-        cache. The default (first backend, split) is kept unless another is 5% faster."""
+        cache, followed by the dense layers' one-row products (up to 32 MiB of them) under the same
+        threads. The default (first backend, split) is kept unless another is 5% faster."""
         num_experts = len(self.weights[0].mats1)
         top_k = min(4, num_experts)
         expert_bytes = self.weights[0].w1[0].nbytes + self.weights[0].w2[0].nbytes
@@ -95,6 +109,9 @@ class CpuExperts:
         runner = SplitRunner(workers=ways - 1) if ways > 1 else None
         layouts = [(True, 1), (False, self.threads), (False, 1)] if runner else [(False, 1)]
         candidates = [(b, split, threads) for b in choices for split, threads in layouts]
+        rows_in = [torch.zeros(1, m.in_features, dtype=m.weight.dtype) for m in self._dense]
+        dense = {split: list(zip([one_row_linear(m, runner if split else None) for m in self._dense], rows_in))
+                 for split in (False, True)}
 
         def seconds(candidate: tuple[str, bool, int], part: list) -> float:
             backend, split, self.decode_threads_count = candidate
@@ -107,6 +124,8 @@ class CpuExperts:
                         expert_ffn_combined(m, x, experts, gates, w, self.split)
                     else:
                         expert_ffn(m, x, rows + experts[0], w, self.split)
+                for linear, row in dense[split]:  # under the same threads: spinning ones can cost 5x there
+                    linear(row)
                 return time.perf_counter() - t
 
         try:

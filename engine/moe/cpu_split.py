@@ -123,18 +123,28 @@ class OneRowLinear:
         return y.view(*x.shape[:-1], m.out_features)
 
 
+SPLIT_MIN_BYTES = 4 * 2**20  # below a few MiB, handing work to another thread costs more than it saves
+# (measured on 1 MiB attention projections)
+
+
+def one_row_linear(module: torch.nn.Linear, runner: SplitRunner | None,
+                   min_bytes: int = SPLIT_MIN_BYTES) -> OneRowLinear:
+    """The one-row forward of `module`: split over `runner` if the weight is big enough."""
+    big = module.weight.numel() * module.weight.element_size() >= min_bytes
+    return OneRowLinear(module, runner if big else None)
+
+
 def one_row_linears(model: torch.nn.Module, runner: SplitRunner | None,
-                    min_bytes: int = 4 * 2**20) -> list[torch.nn.Module]:
+                    min_bytes: int = SPLIT_MIN_BYTES) -> list[torch.nn.Module]:
     """Give the model's CPU Linear layers a `OneRowLinear` forward where it changes something: those the
-    loader marked for matrix-vector products, and with a `runner` the big ones (below a few MiB,
-    handing work to another thread costs more than it saves: measured on 1 MiB attention projections)."""
+    loader marked for matrix-vector products, and with a `runner` the big ones."""
     done = []
     for module in model.modules():
         w = getattr(module, "weight", None)
         if not (isinstance(module, torch.nn.Linear) and w.device.type == "cpu" and w.dim() == 2):
             continue
-        split = runner if runner is not None and w.numel() * w.element_size() >= min_bytes else None
-        if split is not None or getattr(module, "_moe_one_row_mv", False):
-            module.forward = OneRowLinear(module, split)
+        forward = one_row_linear(module, runner, min_bytes)
+        if forward.runner is not None or forward.mv:
+            module.forward = forward
             done.append(module)
     return done
