@@ -39,6 +39,11 @@ def _dense_linears(model: torch.nn.Module, max_bytes: int = 32 * 2**20) -> list[
     return out
 
 
+def shares(items: list, n: int) -> list[list]:
+    """`items` cut into `n` contiguous runs (some empty when there are fewer items)."""
+    return [items[len(items) * i // n:len(items) * (i + 1) // n] for i in range(n)]
+
+
 def describe(backend: str, split: bool, threads: int) -> str:
     """How `us_per_step` names a candidate: "torch split", "numpy", "torch 1 thread"."""
     return backend + (" split" if split else " 1 thread" if threads == 1 else "")
@@ -119,13 +124,15 @@ class CpuExperts:
             self.use_backend(backend)
             with self.decode_threads():
                 t = time.perf_counter()
-                for m, w, experts in part:  # as a decode step computes them
+                # as a decode step computes them: each layer's experts, then its share of the dense
+                # layers under the same threads (spinning ones cost 5-10x there when a core is busy)
+                for (m, w, experts), linears in zip(part, shares(dense[split], len(part))):
                     if self.fused_decode:
                         expert_ffn_combined(m, x, experts, gates, w, self.split)
                     else:
                         expert_ffn(m, x, rows + experts[0], w, self.split)
-                for linear, row in dense[split]:  # under the same threads: spinning ones can cost 5x there
-                    linear(row)
+                    for linear, row in linears:
+                        linear(row)
                 return time.perf_counter() - t
 
         try:
