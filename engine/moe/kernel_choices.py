@@ -25,7 +25,7 @@ from ..paths import user_data_dir
 
 log = logging.getLogger(__name__)
 
-VERSION = 2  # bump when what is measured changes: every entry is then stale
+VERSION = 3  # bump when what is measured changes: every entry is then stale
 FILE_NAME = "kernel-choices.json"
 REMEASURE_ENV = "MOE_CHAT_REMEASURE"  # set to 1: measure again and replace what was remembered
 

@@ -86,17 +86,23 @@ def quantized_bytes(out_features: int, in_features: int, fmt: str, source_elemen
 
 
 def fastest_activation(q: torch.Tensor, scale: torch.Tensor, fmt: str, repeats: int = 5) -> str:
-    """"bf16" or "fp32": which activation dtype runs a one-row product of this matrix faster here."""
+    """"bf16" or "fp32": which activation dtype runs a one-row product of this matrix faster here, each
+    at its better thread count (one, or all: which one a decode step gets is measured later, and idle
+    threads spinning on a busy core would make a kernel look 10x slower than it is)."""
     x = torch.randn(1, q.shape[1] * (2 if fmt == "int4" else 1))
-    best = {}
-    for name, act in ACTIVATIONS.items():
-        qmatmul(x, q, scale, fmt, act)
-        t = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            qmatmul(x, q, scale, fmt, act)
-            t = min(t, time.perf_counter() - t0)
-        best[name] = t
+    threads = torch.get_num_threads()
+    best = {name: float("inf") for name in ACTIVATIONS}
+    try:
+        for count in sorted({1, threads}):
+            torch.set_num_threads(count)
+            for name, act in ACTIVATIONS.items():
+                qmatmul(x, q, scale, fmt, act)
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    qmatmul(x, q, scale, fmt, act)
+                    best[name] = min(best[name], time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
     return min(best, key=best.get)
 
 
