@@ -68,7 +68,7 @@ class Sidebar(QWidget):
         self.list.setTextElideMode(Qt.TextElideMode.ElideRight)
         self.list.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.list.customContextMenuRequested.connect(self._menu)
-        # the row, not the items: no item pointer is wrapped for Python while `clear()` deletes the items
+        # the row, not the items: no item pointer is wrapped for Python while `refresh()` replaces the items
         # (one suspect for a segfault inside clear() seen once in CI)
         self.list.currentRowChanged.connect(self._on_current)
         self.list.itemDoubleClicked.connect(lambda item: self.ask_rename(item.data(Qt.ItemDataRole.UserRole)))
@@ -88,7 +88,10 @@ class Sidebar(QWidget):
     def refresh(self) -> None:
         """Rebuild the list: every conversation, or the search hits with a snippet of the match."""
         self._filling = True
-        self.list.clear()
+        # taken back one by one, so Python deletes the items (and their wrappers) itself: clear()
+        # deleted them in C++, and shiboken segfaulted there now and then, releasing an item's wrapper
+        while self.list.count():
+            self.list.takeItem(self.list.count() - 1)
         if self.query:
             hits = self.store.search(self.query)
             for hit in hits:

@@ -1,8 +1,8 @@
 """The CPU miss path: the CPU copy of every MoE layer's experts and how the CPU computes them.
 
 Three choices are made here by measuring this machine at load, never by a winner from another one:
-whether a decode step's experts are split over the cores (MKL runs a one-token matmul on one core
-whatever the thread count, so the others would idle), how many intra-op threads a decode step that
+whether a decode step's experts are split over the cores (where MKL runs a one-token matmul on one
+core whatever the thread count, the others would idle), how many intra-op threads a decode step that
 is not split runs with (all, or one: idle OpenMP workers spin on a core that something else wants,
 which made one-row products 5x slower on a loaded 2-core machine), and which CPU backend computes
 them (torch or numpy, or the int8/int4 kernels' activation dtype, see `expert_math`). They are
@@ -22,7 +22,7 @@ import torch
 from .cpu_split import SplitRunner, one_row_linear, one_row_linears
 from .expert_math import CPU_BACKENDS, ExpertWeights, expert_ffn, expert_ffn_combined
 from .interface import expert_tensors
-from .kernel_choices import remembered
+from .kernel_choices import bytes_past_cache, remembered
 
 MAX_SPLIT_WAYS = 8  # past about 8 cores a desktop's memory bandwidth is spent; more ways only add hand-overs
 
@@ -99,21 +99,25 @@ class CpuExperts:
     def _measure(self, choices: list[str], ways: int) -> dict:
         """Time a decode step's CPU experts with each backend: split over `ways` cores (the hand-off
         to the split's threads is part of what is timed), or not split with all intra-op threads or
-        one, as decode runs them, over up to 64 MiB of experts so that they come from memory, not
-        cache, followed by the dense layers' one-row products (up to 32 MiB of them) under the same
-        threads. The default (first backend, split) is kept unless another is 5% faster."""
+        one, as decode runs them, over twice the last-level cache's bytes of experts (or all the
+        model has) so that they come from memory as a decode step's do, each layer's followed by its
+        share of the dense layers' one-row products (up to 32 MiB of them) under the same threads.
+        Each candidate is timed after an untimed call under its own threads (the first call after a
+        change of thread count pays for waking them). Timed over 64 MiB, which a large L3 (480 MiB
+        on one of this project's Xeons) holds, one core looked faster than two, and decode ran at
+        0.66x of the two-thread choice. The default (first backend, split) is kept unless another is
+        5% faster."""
         num_experts = len(self.weights[0].mats1)
         top_k = min(4, num_experts)
         expert_bytes = self.weights[0].w1[0].nbytes + self.weights[0].w2[0].nbytes
         groups = [(m, w, list(range(e, e + top_k))) for m, w in zip(self.modules, self.weights)
                   for e in range(0, num_experts - top_k + 1, top_k)]
-        groups = groups[:max(1, 64 * 2**20 // (top_k * expert_bytes))]
+        groups = groups[:max(1, bytes_past_cache() // (top_k * expert_bytes))]
         x = torch.randn(1, self.weights[0].probe_matrix().shape[1]).to(self.weights[0].dtype)
         gates = [1.0 / top_k] * top_k
         rows = np.arange(top_k)
         runner = SplitRunner(workers=ways - 1) if ways > 1 else None
         layouts = [(True, 1), (False, self.threads), (False, 1)] if runner else [(False, 1)]
-        candidates = [(b, split, threads) for b in choices for split, threads in layouts]
         rows_in = [torch.zeros(1, m.in_features, dtype=m.weight.dtype) for m in self._dense]
         dense = {split: list(zip([one_row_linear(m, runner if split else None) for m in self._dense], rows_in))
                  for split in (False, True)}
@@ -135,19 +139,26 @@ class CpuExperts:
                         linear(row)
                 return time.perf_counter() - t
 
+        def timed(candidates: list[tuple[str, bool, int]], part: list, best: dict) -> None:
+            for c in candidates:
+                seconds(c, part[:2])  # untimed: wakes the threads this candidate runs with
+                best[c] = min(best.get(c, float("inf")), seconds(c, part))
+
         try:
             # a first look at a few groups drops the candidates that are far behind (a kernel's slow
             # fallback can be 10x off), so that loading does not spend seconds timing them
-            first = {c: min(seconds(c, groups[:4]) for _ in range(2)) for c in candidates}
-            best = {c: float("inf") for c in candidates if first[c] < 2 * min(first.values())}
+            first: dict = {}
+            for _ in range(2):
+                timed([(b, split, threads) for b in choices for split, threads in layouts], groups[:4], first)
+            best: dict = {}
             for _ in range(3):
-                for c in best:
-                    best[c] = min(best[c], seconds(c, groups))
+                timed([c for c in first if first[c] < 2 * min(first.values())], groups, best)
         finally:
             self.split = None
             if runner is not None:
                 runner.close()
-        default = candidates[0] if candidates[0] in best else min(best, key=best.get)
+        default = (choices[0], *layouts[0])
+        default = default if default in best else min(best, key=best.get)
         fastest = min(best, key=best.get)
         backend, split, threads = fastest if best[fastest] < 0.95 * best[default] else default
         per_step = {describe(*c): round(t / len(groups) * 1e6, 1) for c, t in best.items()}

@@ -16,11 +16,10 @@ import time
 
 import torch
 
-from .kernel_choices import remembered
+from .kernel_choices import bytes_past_cache, remembered
 
 LAYOUTS = ("in-out", "out-in")
 LAYOUT_ENV = "MOE_CHAT_CPU_LAYOUT"  # pins one of LAYOUTS, "out-in mv" also the product (tests, diagnostics)
-MEASURE_BYTES = 160 * 2**20  # per layout timed: past most L3s, so the weights come from memory
 
 
 def _seconds(mats: list[torch.Tensor], x: torch.Tensor, op) -> float:
@@ -39,7 +38,7 @@ def _measure(dtype: torch.dtype, out_features: int, in_features: int) -> dict:
     """Microseconds per matrix of each layout and product, one intra-op thread as decode runs them.
     One layout's matrices are in memory at a time."""
     esize = torch.empty((), dtype=dtype).element_size()
-    count = max(2, min(256, MEASURE_BYTES // max(1, out_features * in_features * esize)))
+    count = max(2, min(256, bytes_past_cache() // max(1, out_features * in_features * esize)))
     x = torch.randn(1, in_features).to(dtype)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

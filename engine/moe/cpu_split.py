@@ -1,9 +1,10 @@
 """Worker threads for the miss path: one token's experts, split across cores.
 
-MKL runs a one-token matmul on a single core whatever torch's thread count (measured on this project's
-2-core machine: 2 threads gave nothing over 1), so with several experts per token the other cores idle
-while memory bandwidth is left unused. Splitting the experts between the caller and these threads
-uses them: torch and numpy release the GIL inside each kernel, so the parts really run at once.
+On some CPUs MKL runs a one-token matmul on a single core whatever torch's thread count (this project's
+AMD EPYC: 2 threads gave nothing over 1; its Intel Xeon streams twice as fast on 2), so with several
+experts per token the other cores would idle while memory bandwidth is left unused. Splitting the
+experts between the caller and these threads uses them: torch and numpy release the GIL inside each
+kernel, so the parts really run at once. Whether to split is measured at load (`cpu_experts`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ R = TypeVar("R")
 
 
 def _serve(jobs: queue.SimpleQueue, done: queue.SimpleQueue) -> None:
+    # OpenMP's thread count is per thread: left at its default, each worker's kernels would start a
+    # second team of OpenMP threads, more threads than cores, which made one-row products 1.2x slower
+    # in the split and the caller's own multithreaded ones 3x slower for as long as the worker lived
+    torch.set_num_threads(1)
     while (job := jobs.get()) is not None:
         fn, arg = job
         try:

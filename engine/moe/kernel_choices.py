@@ -25,7 +25,7 @@ from ..paths import user_data_dir
 
 log = logging.getLogger(__name__)
 
-VERSION = 3  # bump when what is measured changes: every entry is then stale
+VERSION = 4  # bump when what is measured changes: every entry is then stale
 FILE_NAME = "kernel-choices.json"
 REMEASURE_ENV = "MOE_CHAT_REMEASURE"  # set to 1: measure again and replace what was remembered
 
@@ -44,6 +44,27 @@ def machine() -> dict:
     """What a measurement depends on besides the weights' shape."""
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "numpy": np.__version__, "version": VERSION}
+
+
+CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")  # Linux; elsewhere the default below stands
+
+
+def last_level_cache_bytes(root: Path = CPU_CACHES, default: int = 32 * 2**20) -> int:
+    """The largest CPU cache's size."""
+    sizes = []
+    for size in root.glob("index*/size"):
+        try:
+            text = size.read_text().strip().upper()
+            sizes.append(int(text.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1))
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=default)
+
+
+def bytes_past_cache(least: int = 64 * 2**20, most: int = 2**30) -> int:
+    """How many bytes of weights a timing should stream so that they come from memory, not cache:
+    twice the last-level cache (480 MiB on one of this project's Xeons), within [least, most]."""
+    return max(least, min(most, 2 * last_level_cache_bytes()))
 
 
 def _file() -> Path:

@@ -24,6 +24,23 @@ def test_runs_both_halves_and_keeps_their_order():
     assert not any(t.is_alive() for _, _, t in runner._workers)
 
 
+def test_workers_run_their_kernels_on_one_thread_and_leave_the_callers_count():
+    """OpenMP's thread count is per thread: a worker left at the default would start a second team of
+    threads beside the caller's (3x slower multithreaded products for the caller, measured)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    runner = SplitRunner()
+    try:
+        counts = runner.run(lambda _: torch.get_num_threads(), [0, 1])
+        assert counts == [2, 1]  # the caller's own, the worker's one
+        assert torch.get_num_threads() == 2
+    finally:
+        runner.close()
+        torch.set_num_threads(before)
+
+
 def test_a_failure_on_either_side_is_raised_and_the_runner_stays_usable():
     runner = SplitRunner()
 

@@ -144,3 +144,18 @@ def test_laid_out_gives_b_the_layout_asked(b_transposed):
         b = held.transpose(-1, -2) if b_transposed else held
         assert torch.equal(held, t)
         assert b[0].is_contiguous() is (layout == "in-out") and b[0].T.is_contiguous() is (layout == "out-in")
+
+
+def test_timings_stream_twice_the_last_level_cache(tmp_path, monkeypatch):
+    for index, size in (("index0", "48K"), ("index2", "2048K"), ("index3", "491520K")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    assert kernel_choices.last_level_cache_bytes(tmp_path) == 480 * 2**20
+    assert kernel_choices.last_level_cache_bytes(tmp_path / "none", default=7) == 7
+    monkeypatch.setattr(kernel_choices, "last_level_cache_bytes", lambda: 480 * 2**20)
+    assert kernel_choices.bytes_past_cache() == 960 * 2**20
+    monkeypatch.setattr(kernel_choices, "last_level_cache_bytes", lambda: 2**20)
+    assert kernel_choices.bytes_past_cache() == 64 * 2**20  # at least 64 MiB
+    monkeypatch.setattr(kernel_choices, "last_level_cache_bytes", lambda: 2**31)
+    assert kernel_choices.bytes_past_cache() == 2**30  # at most 1 GiB
+
