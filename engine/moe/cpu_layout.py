@@ -38,7 +38,7 @@ def _measure(dtype: torch.dtype, out_features: int, in_features: int) -> dict:
     """Microseconds per matrix of each layout and product, one intra-op thread as decode runs them.
     One layout's matrices are in memory at a time."""
     esize = torch.empty((), dtype=dtype).element_size()
-    count = max(2, min(256, bytes_past_cache() // max(1, out_features * in_features * esize)))
+    count = max(2, min(256, bytes_past_cache(least=160 * 2**20) // max(1, out_features * in_features * esize)))
     x = torch.randn(1, in_features).to(dtype)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
