@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .cpu_split import SplitRunner, one_row_linear, one_row_linears
-from .expert_math import CPU_BACKENDS, ExpertWeights, expert_ffn, expert_ffn_combined
+from .expert_math import CPU_BACKENDS, ExpertWeights, combine, expert_ffn, expert_ffn_combined
 from .interface import expert_tensors
 from .kernel_choices import bytes_past_cache, remembered
 
@@ -202,10 +202,15 @@ class CpuExperts:
         """Rows of `x` through the layer's CPU experts `groups` (see `expert_ffn`)."""
         return expert_ffn(module, x, groups, self.weights[layer], self.split)
 
-    def weighted_sum(self, module: torch.nn.Module, x: torch.Tensor, experts: list[int], gates: list[float],
-                     layer: int) -> torch.Tensor:
-        """A decode token's gated sum over its experts (see `expert_ffn_combined`)."""
-        return expert_ffn_combined(module, x, experts, gates, self.weights[layer], self.split)
+    def decode_token(self, module: torch.nn.Module, x: torch.Tensor, experts: np.ndarray,
+                     top_k_weights: torch.Tensor, layer: int) -> torch.Tensor:
+        """One decode token's whole expert arithmetic, for a cache that only simulates (every expert
+        runs here): fused into the down projections where `fused_decode` allows (see
+        `expert_ffn_combined`), else the experts' rows and their weighted sum."""
+        if self.fused_decode and x.dtype == top_k_weights.dtype == torch.float32:
+            return expert_ffn_combined(module, x, experts.tolist(), top_k_weights.view(-1).tolist(),
+                                       self.weights[layer], self.split)
+        return combine(module, self.ffn(module, x, experts, layer), top_k_weights, x.dtype)
 
     def close(self) -> None:
         for linear in self.one_row_linears:

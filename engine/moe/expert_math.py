@@ -296,3 +296,14 @@ def expert_ffn_combined(module: torch.nn.Module, x: torch.Tensor, experts: list[
     for partial in rest:
         out.add_(partial)
     return out
+
+
+def combine(module: torch.nn.Module, out: torch.Tensor, top_k_weights: torch.Tensor,
+            dtype: torch.dtype) -> torch.Tensor:
+    """The routing weights' sum over each token's expert outputs `out` [tokens * top_k, hidden], in
+    the pairs' order (after the post-expert norm of the architectures that have one)."""
+    if module.has_post_expert_norm:
+        out = module.post_expert_norm(out)
+    out = out * top_k_weights.reshape(-1, 1)
+    return out.view(*top_k_weights.shape, -1).sum(dim=1).to(dtype)
+

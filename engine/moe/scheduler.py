@@ -18,7 +18,7 @@ import torch
 from ..cache.expert_cache import Admission, ExpertCache
 from .cost_model import CostModel
 from .cpu_experts import CpuExperts
-from .expert_math import expert_ffn
+from .expert_math import combine, expert_ffn
 from .miss_paths import CpuMisses, gather_rows
 from .slots import SlotStore
 from .telemetry import Telemetry
@@ -91,16 +91,13 @@ class LayerScheduler:
             fetched = self._fetch_now(layer, experts, counts, slots, missed, step)
             missed &= ~fetched
         # experts and combine
-        if tokens == 1 and self.cpu.fused_decode and hidden_states.dtype == top_k_weights.dtype == torch.float32:
+        if tokens == 1 and self.slots is None:  # a simulated cache's decode token: all on the CPU
             t0 = time.perf_counter()
-            final = self.cpu.weighted_sum(module, hidden_states, ids_np.tolist(), top_k_weights.view(-1).tolist(), layer)
+            final = self.cpu.decode_token(module, hidden_states, ids_np, top_k_weights, layer)
             self.telemetry.times["cpu_time_s"][layer] += time.perf_counter() - t0
         else:
             out = self._pair_outputs(module, hidden_states, ids_np, slots[inverse], layer)
-            if module.has_post_expert_norm:
-                out = module.post_expert_norm(out)
-            out = out * top_k_weights.reshape(-1, 1)
-            final = out.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+            final = combine(module, out, top_k_weights, hidden_states.dtype)
         # count and admit
         n_miss = int(np.count_nonzero(missed)) if tokens == 1 else int(counts[missed].sum())
         n_fetch = int(counts[fetched].sum()) if fetched is not None else 0
@@ -153,13 +150,10 @@ class LayerScheduler:
         top_k = ids_np.size // hidden_states.shape[0]
         times = self.telemetry.times
         t0 = time.perf_counter()
-        if self.slots is None:  # simulated cache: every pair runs from the CPU weights
-            if hidden_states.shape[0] == 1:  # decode: the top-k experts are distinct, no sorting
-                rows = self.cpu.ffn(module, hidden_states, ids_np, layer)
-            else:
-                order = np.argsort(ids_np, kind="stable")
-                rows = self.cpu.ffn(module, gather_rows(hidden_states, order, top_k), ids_np[order], layer)
-                rows = rows[torch.from_numpy(np.argsort(order))]
+        if self.slots is None:  # simulated cache, a prefill: every pair runs from the CPU weights
+            order = np.argsort(ids_np, kind="stable")
+            rows = self.cpu.ffn(module, gather_rows(hidden_states, order, top_k), ids_np[order], layer)
+            rows = rows[torch.from_numpy(np.argsort(order))]
             times["cpu_time_s"][layer] += time.perf_counter() - t0
             return rows
 

@@ -153,8 +153,7 @@ def _overhead(rt, loaded: LoadedModel, prompt: list[int], new_tokens: int, repea
         x1, x2 = (h.numpy(), x2.numpy()) if own.backend == "numpy" else (h, x2)
         bare += [(x1, own.mats1[e], x2, own.mats2[e]) for e in idx.reshape(-1).tolist()]
     mm = {"numpy": np.matmul, "torch-mv": lambda x, b: torch.mv(b.T, x[0])}.get(rt.cpu_matmul, torch.mm)
-    math = [(module, h, idx.reshape(-1).numpy(), w.reshape(-1, 1), module._moe_layer)
-            for module, h, idx, w in calls]
+    math = [(module, h, idx.reshape(-1).numpy(), w, module._moe_layer) for module, h, idx, w in calls]
 
     def through_runtime():
         for call in calls:
@@ -166,15 +165,11 @@ def _overhead(rt, loaded: LoadedModel, prompt: list[int], new_tokens: int, repea
             mm(x2, w2)
 
     def expert_math():  # the experts' own arithmetic, nothing of the scheduler
-        for module, h, ids, w, layer in math:
-            if rt.cpu.fused_decode:
-                rt.cpu.weighted_sum(module, h, ids.tolist(), w.view(-1).tolist(), layer)
-            else:
-                out = rt.cpu.ffn(module, h, ids, layer)
-                (module.post_expert_norm(out) if module.has_post_expert_norm else out).mul(w).sum(0)
+        for call in math:
+            rt.cpu.decode_token(*call)
 
     def bookkeeping_only():  # the runtime with the experts' arithmetic replaced by a ready result
-        with _no_expert_math(rt.cpu, math[0][1].shape[-1]):
+        with _no_expert_math(rt.cpu, math[0][1]):
             through_runtime()
 
     best = {"runtime": float("inf"), "matmuls": float("inf"), "math": float("inf"), "bookkeeping": float("inf")}
@@ -198,15 +193,15 @@ def _overhead(rt, loaded: LoadedModel, prompt: list[int], new_tokens: int, repea
 
 
 @contextlib.contextmanager
-def _no_expert_math(cpu, hidden: int) -> Iterator[None]:
-    """The CPU experts answer at once with zeros of the right shape (instance attributes shadow the methods)."""
-    out = torch.zeros(1, hidden)
-    cpu.weighted_sum = lambda *args: out
-    cpu.ffn = lambda module, x, groups, layer: out.expand(len(groups), -1)
+def _no_expert_math(cpu, hidden_states: torch.Tensor) -> Iterator[None]:
+    """The CPU experts answer at once with zeros of the shape and dtype they would return (instance
+    attributes shadow the methods)."""
+    out = torch.zeros(1, hidden_states.shape[-1], dtype=hidden_states.dtype)
+    cpu.decode_token = lambda *args: out
     try:
         yield
     finally:
-        del cpu.weighted_sum, cpu.ffn
+        del cpu.decode_token
 
 
 def run_bench(model: str | None, *, budget="0.25", policy="lru", new_tokens=64, rounds=3,
