@@ -330,9 +330,13 @@ class Predictive(Policy):
         Not yet accessed in this step: earlier tokens similar to this one (by the routing of its layers
         so far) vote with their own routing at `layer`. Already accessed (the next access is the next
         step's): the tokens that followed tokens similar to this whole one vote. The forecast replaces
-        the next-step vote among the layer's features, so the learned weights apply unchanged and the
-        scores stay comparable across layers. Cost: one [window] softmax and one [window] x [window,
-        experts] product.
+        the next-step vote among the layer's features, and the score is the proximity of the next use
+        that follows from it: 1 for use at this access, else the linear model's proximity one step
+        later, use + (1 - use) * gamma * (w . x). The learned weights were fitted to the blunter
+        next-step vote, and alone they let recently used residents outrank a forecast that is sure (on
+        Mixtral-shaped routing at a quarter of the experts, 0.94 of the LRU-to-optimum gap closed
+        without this, 1.11 with it). Scores stay on the proximity scale, so they compare across
+        layers. Cost: one [window] softmax and one [window] x [window, experts] product.
         """
         last = self.last_t[layer]
         w = self.after if self.recorded[layer] else self.near
@@ -357,8 +361,11 @@ class Predictive(Policy):
                 self.pending[layer] = F  # scored against this access in `record`
                 use = np.clip(self.blend[layer] @ F, 0.0, 1.0)
         x[1] = use
-        np.dot(self.w, x, out=self.score[layer])
-        return self.score[layer], use
+        score = self.score[layer]
+        np.dot(self.w, x, out=score)
+        score *= (1.0 - use) * self.gamma
+        score += use
+        return score, use
 
 
 POLICY_CLASSES: dict[str, type[Policy]] = {p.name: p for p in (LRU, LFU, Decay, Static, Predictive)}

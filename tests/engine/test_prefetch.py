@@ -154,3 +154,22 @@ def test_predictive_prefetch_survives_odd_traces(layers, experts, top_k):
             cache.after_access(layer, ids, cache.lookup(layer, ids) < 0, step, limit=top_k)
             assert cache.cached_count() <= layers * 2
     assert np.isfinite(pol.priority(6)).all()
+
+
+def test_predictive_scores_a_forecast_as_the_proximity_of_its_next_use():
+    """Just before an access: use + (1 - use) * gamma * (the linear model's proximity), so an expert the
+    forecast is sure of outranks every other, however recently those were used."""
+    t = cross_layer_trace(rows=80, layers=3, seed=2)
+    pol = make_policy("predictive", 3, 6)
+    for row in range(60):
+        for layer in range(3):
+            experts, counts = _row_experts(t.experts[row, layer])
+            pol.record(layer, experts, counts, row + 1)
+    pol.record(0, *_row_experts(t.experts[60, 0]), 61)
+    x = pol.xs[pol.last_t[1] % (pol.horizon + 1), 1].copy()  # layer 1's features, recorded a step ago
+    scores, use = pol.prefetch_scores(1)
+    x[1] = use
+    assert np.allclose(scores, use + (1 - use) * pol.gamma * (pol.w @ x))
+    assert np.array_equal(scores, pol.priority(61)[1])
+    sure = use > 0.9  # layer 0 of this token fixes its two experts in layer 1
+    assert sure.sum() == 2 and scores[sure].min() > scores[~sure].max()
