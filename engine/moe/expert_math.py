@@ -306,4 +306,3 @@ def combine(module: torch.nn.Module, out: torch.Tensor, top_k_weights: torch.Ten
         out = module.post_expert_norm(out)
     out = out * top_k_weights.reshape(-1, 1)
     return out.view(*top_k_weights.shape, -1).sum(dim=1).to(dtype)
-
