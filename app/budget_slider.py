@@ -114,7 +114,7 @@ class BudgetBar(QFrame):
         for name, description in (info.get("policies") or {}).items():
             self.policy.addItem(name, name)
             self.policy.setItemData(self.policy.count() - 1, description, Qt.ItemDataRole.ToolTipRole)
-        index = self.policy.findData(info.get("policy", "lru"))
+        index = self.policy.findData(info.get("policy", "auto"))
         self.policy.setCurrentIndex(max(0, index))
         self._quiet = False
         self.max_label.setText(

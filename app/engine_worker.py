@@ -226,7 +226,7 @@ class EngineWorker(QObject):
                 # Both would not fit: free the current model first rather than fail for want of RAM.
                 self._release()
                 self.model_unloaded.emit()
-            loaded = self._load_with_budget(load_id, source, budget, policy or "lru", event)
+            loaded = self._load_with_budget(load_id, source, budget, policy or "auto", event)
             if event.is_set():
                 raise eng["errors"].Cancelled("Loading was cancelled.")
             self._release()
@@ -322,7 +322,7 @@ class EngineWorker(QObject):
                 max_budget_bytes=int(rt.max_budget_bytes),
                 runtime_expert_bytes=int(rt.expert_bytes),
                 runtime_expert_bytes_total=int(rt.expert_bytes_total),
-                policy=snap.get("policy", "lru"),
+                policy=snap.get("policy", "auto"),
                 device_total_bytes=int(snap.get("device_total_bytes") or 0),
             )
         return info
@@ -701,7 +701,7 @@ class EngineClient(QObject):
         return self._thread.isRunning()
 
     # requests ------------------------------------------------------------------------------
-    def load(self, source: str, budget: int | float = 0, policy: str = "lru") -> int:
+    def load(self, source: str, budget: int | float = 0, policy: str = "auto") -> int:
         """Load `source` ('' = the demo model) with a cache budget: bytes (an int) or a share of the
         expert bytes (a float); 0 = the engine's default."""
         self.worker.issued_load += 1

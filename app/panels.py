@@ -209,9 +209,10 @@ class HitRatePanel(Card):
         cap, total = snap.get("capacity_experts", 0), snap.get("num_moe_layers", 0) * snap.get("num_experts", 0)
         share = f" ({cap / total:.0%})" if total else ""
         live = float(np.mean(self.current_rates)) if self._recent else snap.get("hit_rate", 0.0)
+        policy, active = snap.get("policy", "?"), snap.get("active_policy")
         text = (
             f"Now {live:.0%} · since load {snap.get('hit_rate', 0.0):.0%} · "
-            f"{cap} of {total} experts cached{share} · {snap.get('policy', '?')}"
+            f"{cap} of {total} experts cached{share} · {policy}{f' ({active})' if active and active != policy else ''}"
         )
         if snap.get("simulated_cache"):
             text += "\nNo GPU: the cache is simulated on the CPU (the hit rates a GPU would see)."

@@ -42,7 +42,7 @@ DEFAULTS: dict[Key, Any] = {
     Key.MODEL_SOURCE: "",
     Key.EXTRA_MODEL_DIRS: [],
     Key.BUDGET_SHARE: 0.0,
-    Key.POLICY: "lru",
+    Key.POLICY: "auto",
     Key.TEMPERATURE: 0.7,
     Key.TOP_P: 0.9,
     Key.TOP_K: 40,

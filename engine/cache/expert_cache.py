@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .budget import LayerBudget
-from .policies import LRU, Policy
+from .policies import Policy
+from .shadow_lru import ShadowLRU
 
 
 @dataclass
@@ -51,8 +52,9 @@ class ExpertCache:
         self.split = split  # None: as the policy says (`policy.layer_budget`)
         self.budget: LayerBudget | None = None
         self.quota: np.ndarray | None = None  # slots per layer while a demand-driven split is on
-        self.shadow: ExpertCache | None = None  # the LRU cache whose copies bound a `copy_cap` policy's
+        self.shadow: ShadowLRU | None = None  # the LRU cache whose copies bound a `copy_cap` policy's
         self.allowance = 0  # copies the shadow made and this cache has not
+        self.hits = 0  # accessed experts found resident (each once per access), to compare with the shadow's
         self.resize(capacity, step=0)
 
     @property
@@ -181,6 +183,7 @@ class ExpertCache:
         """
         done: list[Admission] = []
         missed = np.asarray(missed, dtype=bool)
+        self.hits += len(missed) - int(np.count_nonzero(missed))
         self.observe(layer, experts, step)
         allowed = None
         if self.policy.copy_cap:
@@ -198,14 +201,8 @@ class ExpertCache:
         """Copies the shadow LRU makes for this access. Created on first use, holding what this cache
         holds (a preloaded profile, or a previous policy's choice): it counts copies from here on."""
         if self.shadow is None:
-            self.shadow = ExpertCache(self.num_layers, self.num_experts, LRU(self.num_layers, self.num_experts),
-                                      self.capacity, self.scope, split=False)
-            for held, e in zip(*np.nonzero(self.slot_of >= 0)):
-                self.shadow._take(int(held), int(e), None)
-        experts = np.asarray(experts, dtype=np.int64)
-        missed = self.shadow.lookup(layer, experts) < 0
-        self.shadow.policy.record(layer, experts, np.ones(len(experts)), step)
-        return len(self.shadow.after_access(layer, experts, missed, step, limit))
+            self.shadow = ShadowLRU(self.num_layers, self.num_experts, self.capacity, self.scope, self.slot_of >= 0)
+        return self.shadow.access(layer, np.asarray(experts, dtype=np.int64), step, limit)
 
     def _scarcity(self) -> float:
         """How dear a copy is, 0..1: 1 without a `copy_cap`; under one, 1 with no allowance left, falling
@@ -270,7 +267,7 @@ class ExpertCache:
         """
         capacity = max(0, min(int(capacity), self.num_layers * self.num_experts))
         if self.shadow is not None:
-            self.shadow.resize(capacity, step)
+            self.shadow.resize(capacity)
         self.reserved[:] = False
         self.capacity = capacity
         prio = self.policy.priority(step)

@@ -306,7 +306,7 @@ class Predictive(Policy):
         if self.pair_weight and len(experts):
             if layer and self.recorded[layer - 1] and len(self.now_ids[layer - 1]):
                 prev = self.now_ids[layer - 1]
-                self.pair[layer][np.ix_(prev, experts)] += 1.0
+                self.pair[layer].reshape(-1)[(prev[:, None] * self.num_experts + experts).reshape(-1)] += 1.0
                 self.pair_n[layer, prev] += 1.0
             self.freq[layer, experts] += 1.0
             self.tokens[layer] += 1.0
@@ -356,10 +356,12 @@ class Predictive(Policy):
                 cond = (self.pair[layer][prev] + self.pair_prior * f) / (self.pair_n[layer, prev, None] + self.pair_prior)
                 F = np.empty((len(self.blend_prior), self.num_experts))
                 F[0], F[1] = 1.0, use
-                cond.mean(axis=0, out=F[2])
-                cond.max(axis=0, out=F[3])
+                np.add.reduce(cond, axis=0, out=F[2])
+                F[2] /= len(prev)  # the mean, without np.mean's overhead
+                np.maximum.reduce(cond, axis=0, out=F[3])
                 self.pending[layer] = F  # scored against this access in `record`
-                use = np.clip(self.blend[layer] @ F, 0.0, 1.0)
+                use = self.blend[layer] @ F
+                np.minimum(np.maximum(use, 0.0, out=use), 1.0, out=use)
         x[1] = use
         score = self.score[layer]
         np.dot(self.w, x, out=score)
@@ -369,11 +371,31 @@ class Predictive(Policy):
 
 
 POLICY_CLASSES: dict[str, type[Policy]] = {p.name: p for p in (LRU, LFU, Decay, Static, Predictive)}
-POLICIES: dict[str, str] = {name: cls.description for name, cls in POLICY_CLASSES.items()}
+AUTO = "auto"  # the default
+POLICIES: dict[str, str] = {
+    AUTO: "predictive where experts are cached on a GPU, while its extra hits save more time than it costs "
+          "(else lru); lru where the cache is only simulated (CPU only)",
+    **{name: cls.description for name, cls in POLICY_CLASSES.items()},
+}
 
 
-def make_policy(name: str, num_layers: int, num_experts: int, profile: np.ndarray | None = None) -> Policy:
-    """A policy by name; `NAME+split` is NAME with the layer-aware split of a pooled budget turned on."""
+def resolve_policy(name: str, simulated: bool = False) -> str:
+    """The policy `auto` starts as. With real slots, predictive: on the recorded and synthetic traces it
+    wins more hits than LRU with no more copies (the runtime turns to LRU where those hits save less
+    time than predictive costs, `moe/auto_policy.py`; the simulator replays it as predictive). Without
+    (no GPU), every expert is computed on the CPU whatever the cache holds: the policy only feeds the
+    hit-rate display, so the cheapest one runs."""
+    base, plus, suffix = name.partition("+")
+    if base != AUTO:
+        return name
+    return ("lru" if simulated else "predictive") + plus + suffix
+
+
+def make_policy(name: str, num_layers: int, num_experts: int, profile: np.ndarray | None = None,
+                simulated: bool = False) -> Policy:
+    """A policy by name; `NAME+split` is NAME with the layer-aware split of a pooled budget turned on;
+    `auto` as `resolve_policy` says for a cache that is `simulated` or not."""
+    name = resolve_policy(name, simulated)
     base, _, suffix = name.partition("+")
     try:
         if suffix not in ("", "split"):

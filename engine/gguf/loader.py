@@ -176,7 +176,7 @@ def _fill_experts(module, attr: str, gguf_names: list[str], gguf: GGUFModel, fmt
     module._parameters[attr] = meta_like(param)
 
 
-def load_gguf(source, *, device: str = "auto", budget=0.25, policy: str = "lru", scope: str = "per_layer",
+def load_gguf(source, *, device: str = "auto", budget=0.25, policy: str = "auto", scope: str = "per_layer",
               threads: int | None = None, force_slots: bool = False, profile="auto", trust_remote_code=None,
               check_memory: bool = True, progress=None, cancel: threading.Event | None = None,
               experts: str = "auto", dense: str = "auto", save_copy: bool = True):

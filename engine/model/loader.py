@@ -1076,7 +1076,7 @@ def load_model(
     *,
     device: str = "auto",
     budget: int | float | str = 0.25,
-    policy: str = "lru",
+    policy: str = "auto",
     scope: str = "per_layer",
     threads: int | None = None,
     force_slots: bool = False,

@@ -16,9 +16,10 @@ import psutil
 import torch
 
 from ..cache.expert_cache import ExpertCache
-from ..cache.policies import make_policy
+from ..cache.policies import AUTO, make_policy
 from ..errors import ModelError
 from ..units import resolve_budget
+from .auto_policy import AutoVerdict
 from .cost_model import CostModel, calibrate_cpu, calibrate_cuda
 from .cpu_experts import CpuExperts
 from .interface import expert_format, expert_tensors
@@ -38,7 +39,7 @@ class HybridRuntime:
         device: torch.device,
         *,
         budget: int | float | str = 0.25,
-        policy: str = "lru",
+        policy: str = "auto",
         scope: str = "per_layer",
         force_slots: bool = False,
         profile: np.ndarray | None = None,
@@ -66,11 +67,12 @@ class HybridRuntime:
         cost = CostModel(*calibrate_cpu(w), calibrate_cuda(w, self.device) if self.device.type == "cuda" else None)
         self.telemetry = Telemetry(self.num_layers)
         self.policy_name = policy
-        self.policy = make_policy(policy, self.num_layers, self.num_experts, profile)
+        self.policy = make_policy(policy, self.num_layers, self.num_experts, profile, self.simulated_cache)
         self.cache = ExpertCache(self.num_layers, self.num_experts, self.policy, 0, scope)
         self.slots = None if self.simulated_cache else SlotStore(experts_modules, self.names, self.device)
         self.scheduler = LayerScheduler(self.cache, self.cpu, self.slots, cost, self.telemetry, self.expert_bytes,
                                         self.cpu.weights[0].expert_flops(), admissions_per_layer)
+        self.auto = self._auto_verdict()
 
         self._step_lock = threading.Lock()  # held for a whole model forward
         self._pending_lock = threading.Lock()  # guards the two pending changes below
@@ -196,6 +198,8 @@ class HybridRuntime:
             "experts": self.format,
             "kernel_choice": self.kernel_choice,
             "policy": self.policy_name,
+            "active_policy": self.policy.name,  # what `auto` stands for here
+            "auto_verdict": dict(self.auto.last, turned_to_lru=self.auto.turned) if self.auto else None,
             "scope": self.cache.scope,
             "budget_bytes": self.budget_bytes,
             "max_budget_bytes": self.max_budget_bytes,
@@ -257,8 +261,28 @@ class HybridRuntime:
         try:
             self.telemetry.end_step()
             self.cpu.end_step()
+            self._weigh_auto()
         finally:
             self._step_lock.release()
+
+    def _auto_verdict(self) -> AutoVerdict | None:
+        """Whether `auto` has chosen predictive here, so that its cost is weighed against its gain."""
+        if not self.policy_name.startswith(AUTO) or self.policy.name.partition("+")[0] != "predictive":
+            return None
+        cost, flops = self.scheduler.cost, self.scheduler.flops_per_token
+        saving = cost.cpu_seconds(self.expert_bytes, 1, flops) - cost.device_seconds(self.expert_bytes, 1, flops)
+        return AutoVerdict(max(0.0, saving))
+
+    def _weigh_auto(self) -> None:
+        """At a step's end: `auto` turns from predictive to LRU once predictive stops paying for itself."""
+        auto, shadow = self.auto, self.cache.shadow
+        if auto is None or auto.turned or shadow is None:
+            return
+        if auto.step(self.cache.hits, shadow.hits, self.scheduler.policy_seconds):
+            _, plus, suffix = self.policy.name.partition("+")
+            self.policy = make_policy("lru" + plus + suffix, self.num_layers, self.num_experts, self.profile)
+            self.policy.last[:] = shadow.last  # the recency the shadow kept: no cold start
+            self.cache.policy = self.policy
 
     def _apply_pending_if_idle(self) -> None:
         if self._step_lock.acquire(blocking=False):
@@ -272,9 +296,10 @@ class HybridRuntime:
             name, self._pending_policy = self._pending_policy, None
             nbytes, self._pending_budget = self._pending_budget, None
         if name is not None:
-            self.policy = make_policy(name, self.num_layers, self.num_experts, self.profile)
+            self.policy = make_policy(name, self.num_layers, self.num_experts, self.profile, self.simulated_cache)
             self.policy_name = name
             self.cache.policy = self.policy
+            self.auto = self._auto_verdict()
         if nbytes is not None:
             self._apply_budget(nbytes)
 

@@ -62,6 +62,7 @@ class LayerScheduler:
         self.admissions_per_layer = admissions_per_layer
         self.usage = np.zeros((cache.num_layers, cache.num_experts), dtype=np.int64)  # tokens per expert
         self.miss_path = CpuMisses(cpu, telemetry)
+        self.policy_seconds = 0.0  # time in the policy and the cache's decisions (`auto` weighs it)
         self.observers: list[Observer] = []
 
     def forward(self, module: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -83,7 +84,9 @@ class LayerScheduler:
             experts, inverse, counts = np.unique(ids_np, return_inverse=True, return_counts=True)
         # split
         slots = self.cache.lookup(layer, experts)  # fancy indexing: a copy
+        t0 = time.perf_counter()
         self.cache.policy.record(layer, experts, counts, step)
+        spent = time.perf_counter() - t0
         self.usage[layer, experts] += counts
         missed = slots < 0
         fetched = None
@@ -108,7 +111,9 @@ class LayerScheduler:
         # demand admissions, then the policy's prefetch for the next layer (or the next token's first)
         limit = self.admissions_per_layer or top_k
         background = self.slots is not None and self.slots.copies_in_background
+        t0 = time.perf_counter()
         admitted = self.cache.after_access(layer, experts, missed, step, limit, reserve=background)
+        self.policy_seconds += spent + time.perf_counter() - t0
         if admitted:
             if self.slots is not None:
                 self.slots.copy_in_background(admitted)

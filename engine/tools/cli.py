@@ -39,7 +39,7 @@ def _add_model_args(p: argparse.ArgumentParser, runtime: bool = True) -> None:
         return
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--budget", default="0.25", help="cache size: bytes (512MiB, 2GiB) or a fraction of all expert bytes (0.25)")
-    p.add_argument("--policy", default="lru", choices=sorted(POLICIES))
+    p.add_argument("--policy", default="auto", choices=sorted(POLICIES))
     p.add_argument("--scope", default="per_layer", choices=["per_layer", "pooled"])
     p.add_argument("--threads", type=int, help="CPU threads for the miss path (default: physical cores)")
     p.add_argument("--force-slots", action="store_true", help="real cache slots even when the fast device is the CPU")
@@ -149,6 +149,8 @@ def _stats(loaded, session_stats: dict) -> dict:
         "peak_rss_bytes": snap.get("peak_rss_bytes", 0),
         "budget_bytes": snap.get("budget_bytes", 0),
         "policy": snap.get("policy"),
+        "active_policy": snap.get("active_policy"),
+        "auto_verdict": snap.get("auto_verdict"),
         "finish_reason": session_stats.get("finish_reason"),
         "prompt_tokens": session_stats.get("prompt_tokens", 0),
         "new_tokens": session_stats.get("new_tokens", 0),

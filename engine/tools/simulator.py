@@ -304,12 +304,12 @@ if __name__ == "__main__":  # python -m engine.tools.simulator TRACE.npz ... [--
     import sys
     from pathlib import Path
 
-    from ..cache.policies import POLICIES
+    from ..cache.policies import AUTO, POLICIES
     from .synthetic_trace import synthetic_traces
     from .trace import load_trace
 
     argv, args, synthetic = sys.argv[1:], [], ""
-    policies = list(POLICIES)
+    policies = [p for p in POLICIES if p != AUTO]  # auto replays as predictive: the simulator models a real cache
     i = 0
     while i < len(argv):
         a = argv[i]

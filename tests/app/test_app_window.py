@@ -193,6 +193,7 @@ def test_budget_slider_resizes_the_cache_live_and_the_panel_follows(qtbot, windo
     # the hit-rate panel has per-layer data from the reply, and the window says the cache is simulated
     assert np.isfinite(panels.hit_rate._grid).any() and panels.hit_rate.badge.text() == "simulated"
     assert "simulated on the CPU" in panels.hit_rate.summary.text()
+    assert "auto (lru)" in panels.hit_rate.summary.text()  # what the default policy chose here
     # a value above what the device can hold is refused with a message, the engine is untouched
     bar.edit.setText("64GiB")
     qtbot.keyClick(bar.edit, Qt.Key.Key_Return)

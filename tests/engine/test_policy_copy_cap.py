@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from engine.cache.expert_cache import ExpertCache
-from engine.cache.policies import Policy, make_policy
+from engine.cache.policies import LRU, Policy, make_policy
+from engine.cache.shadow_lru import ShadowLRU
 from engine.tools.simulator import replay
 from engine.tools.synthetic_trace import synthetic_trace
 
@@ -128,3 +129,31 @@ def test_shadow_starts_from_a_preloaded_cache():
     cache = ExpertCache(1, 4, Greedy(1, 4), capacity=2)
     cache.preload(np.array([[0.0, 2.0, 1.0, 0.0]]))  # experts 1 and 2 resident before any access
     assert run(cache, [[1], [2], [3]]) == [0, 0, 1]  # the shadow holds them too: no allowance until 3 misses
+
+
+@pytest.mark.parametrize("scope", ["per_layer", "pooled"])
+def test_shadow_counts_the_copies_the_lru_cache_makes(scope):
+    # skewed random routing, preloaded residents, a second access of a layer in one step, and resizes
+    # both ways: the counting shadow and the real cache with the LRU policy copy alike at every access
+    rng = np.random.default_rng(3)
+    L, E, k = 3, 10, 3
+    held = np.zeros((L, E), dtype=bool)
+    held[0, :2] = held[2, 5] = True
+    real = ExpertCache(L, E, LRU(L, E), capacity=9, scope=scope)
+    for layer, e in zip(*np.nonzero(held)):
+        real._take(int(layer), int(e), None)
+    shadow = ShadowLRU(L, E, 9, scope, held)
+    copies = []
+    for step in range(1, 120):
+        if step % 40 == 0:
+            real.resize(int(rng.integers(1, L * E)), step)
+            shadow.resize(real.capacity)
+        for layer in [0, 1, 2] + ([1] if step % 7 == 0 else []):
+            experts = np.unique(rng.choice(E, k, p=np.linspace(1, 3, E) / np.linspace(1, 3, E).sum()))
+            missed = real.lookup(layer, experts) < 0
+            real.policy.record(layer, experts, np.ones(len(experts)), step)
+            n = len(real.after_access(layer, experts, missed, step, limit=2))
+            assert shadow.access(layer, experts, step, limit=2) == n, (step, layer)
+            copies.append(n)
+        assert (shadow.resident == (real.slot_of >= 0)).all()
+    assert 0 < sum(copies) < 2 * len(copies)  # it did copy, and sometimes fewer than asked

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine import GenerationParams, Session, load_model
+from engine.moe.auto_policy import AutoVerdict
 from engine.moe.cost_model import CostModel, DeviceProfile
 from engine.cache.profiles import load_profile, save_profile
 from tiny_models import resident
@@ -82,6 +83,18 @@ def test_policy_switch_is_live(tiny_model):
         rt.set_policy("belady-in-real-life")
 
 
+def test_auto_policy_is_predictive_with_real_slots_and_lru_on_a_simulated_cache(tiny_model):
+    simulated = load_model(tiny_model, device="cpu", profile=None).runtime
+    slots = load_model(tiny_model, device="cpu", force_slots=True, profile=None).runtime
+    assert simulated.snapshot()["policy"] == slots.snapshot()["policy"] == "auto"  # the default
+    assert simulated.snapshot()["active_policy"] == "lru"
+    assert slots.snapshot()["active_policy"] == "predictive"
+    slots.set_policy("auto+split")
+    assert slots.snapshot()["active_policy"] == "predictive+split" and slots.policy.layer_budget
+    slots.set_policy("lfu")
+    assert slots.snapshot()["active_policy"] == "lfu"
+
+
 def test_profile_warm_starts_the_cache(tiny_model):
     loaded = load_model(tiny_model, device="cpu", budget=0.25, profile=None)
     counts = np.zeros((3, 8))
@@ -117,3 +130,29 @@ def test_out_of_memory_mid_reply_halves_the_cache_and_the_reply_goes_on(tiny_mod
     # the lock taken for the failed step was released: budget changes still land at once
     rt.set_budget(0)
     assert rt.cache.capacity == 0
+
+
+def test_auto_verdict_weighs_saved_against_spent():
+    verdict = AutoVerdict(saving_per_hit_s=1e-3, window=2)
+    assert not verdict.step(0, 0, 0.0)  # the mark
+    assert not verdict.step(5, 3, 0.001)
+    assert not verdict.step(10, 6, 0.002)  # 4 extra hits save 4 ms, 2 ms spent: keep predictive
+    assert verdict.last == {"steps": 2, "extra_hits": 4, "saved_s": 4e-3, "spent_s": 0.002}
+    assert not verdict.step(11, 7, 0.004)
+    assert verdict.step(12, 8, 0.006) and verdict.turned  # no extra hit for 4 ms: LRU
+
+
+def test_auto_turns_to_lru_where_predictive_saves_nothing(tiny_model):
+    # CPU slots: a hit costs what a miss does, so predictive's bookkeeping buys nothing
+    loaded = load_model(tiny_model, device="cpu", budget=0.5, force_slots=True, profile=None)
+    rt = loaded.runtime
+    assert rt.auto.saving_per_hit_s == 0.0 and rt.snapshot()["active_policy"] == "predictive"
+    rt.auto.window = 3
+    tokens = list(Session(loaded).generate([1, 2, 3], GREEDY))
+    snap = rt.snapshot()
+    assert snap["policy"] == "auto" and snap["active_policy"] == "lru"
+    assert snap["auto_verdict"]["turned_to_lru"] and snap["auto_verdict"]["saved_s"] == 0.0
+    assert (rt.policy.last >= rt.cache.shadow.last).all()  # LRU started from the recency the shadow kept
+    rt.set_policy("auto")  # chosen again: predictive again, weighed afresh
+    assert rt.snapshot()["active_policy"] == "predictive" and not rt.auto.turned
+    assert len(tokens) == GREEDY.max_new_tokens
