@@ -24,6 +24,7 @@ class Policy:
     layer_budget = False  # pooled scope: split the pool across layers by measured demand (budget.py)
     copy_cap = False  # never copy more than a shadow LRU cache of the same size would (expert_cache.py)
     prefetch_confidence = 0.0  # under copy_cap: the forecast use a prefetch needs while copies are scarce
+    wants_hints = False  # told by `hint` which experts the next layer's router picks a layer early
 
     def __init__(self, num_layers: int, num_experts: int, profile: np.ndarray | None = None):
         self.num_layers = num_layers
@@ -36,6 +37,10 @@ class Policy:
     def priority(self, step: int) -> np.ndarray:
         """Higher means keep. Shape [layers, experts]."""
         raise NotImplementedError
+
+    def hint(self, layer: int, experts: np.ndarray) -> None:
+        """The experts `layer`'s coming access is forecast to use from the hidden state: its router
+        applied to the layer before's input (`moe/router_hint.py`; recorded in traces as `hints`)."""
 
     def prefetch_scores(self, layer: int) -> tuple[np.ndarray, np.ndarray] | None:
         """(scores, use) for the upcoming access of `layer`, or None when there is nothing to go on.
@@ -144,8 +149,9 @@ class Predictive(Policy):
     layer_memory = 0.5  # weight of a layer's match per layer further down (1: all layers so far equal)
     pair_weight = 0.5  # prior share of the layer-to-layer forecast (co-occurrence with the layer before) in a prefetch
     pair_prior = 2.0  # pseudo-observations of the layer's overall frequency behind each co-occurrence row
-    # forecast blend: bias, similar tokens' vote, co-occurrence mean, co-occurrence max
-    blend_prior = np.array([0.0, 1 - pair_weight, pair_weight, 0.0])
+    # forecast blend: bias, similar tokens' vote, co-occurrence mean, co-occurrence max, router hint (learnt
+    # from nothing: a model's hint is as good as its residual stream is steady)
+    blend_prior = np.array([0.0, 1 - pair_weight, pair_weight, 0.0, 0.0])
     blend_memory = 0.995  # forgetting of the blend's fit, per forecast
     blend_ridge = 20.0  # the prior weighs as much as this many experts' outcomes
     lookahead = 4  # steps after a similar token that vote for the forecast
@@ -159,6 +165,7 @@ class Predictive(Policy):
     prefetch_limit = 4  # copies per layer ahead of use; the expected misses usually bind first
     demand_admission = False  # a miss is forecast, and prefetched, at the next access if it matters
     copy_cap = True  # at half the experts an uncapped forecast copies a fifth more than LRU
+    wants_hints = True
     prefetch_confidence = 0.3  # Qwen1.5-MoE-shaped routing at half the experts: a tenth more of the gap closed
 
     def __init__(self, num_layers, num_experts, profile=None):
@@ -204,6 +211,7 @@ class Predictive(Policy):
             self.blend_b = np.zeros((L, n))
             self.blend = np.tile(self.blend_prior, (L, 1))  # per layer: weights of the forecast's reads
             self.pending: list[np.ndarray | None] = [None] * L  # the reads behind a layer's open forecast
+            self.hints: list[np.ndarray | None] = [None] * L  # the router hint for each layer's coming access
         self.after: np.ndarray | None = None  # ring rows weighted by their predecessor's similarity
 
     def _new_step(self) -> None:
@@ -303,6 +311,8 @@ class Predictive(Policy):
         np.dot(self.w, x, out=self.score[layer])
         if self.pair_weight and self.pending[layer] is not None:
             self._score_blend(layer, u > 0)
+        if self.pair_weight:
+            self.hints[layer] = None  # spent on this access
         if self.pair_weight and len(experts):
             if layer and self.recorded[layer - 1] and len(self.now_ids[layer - 1]):
                 prev = self.now_ids[layer - 1]
@@ -323,6 +333,10 @@ class Predictive(Policy):
 
     def priority(self, step):
         return self.score
+
+    def hint(self, layer, experts):
+        if self.pair_weight:
+            self.hints[layer] = np.asarray(experts, dtype=np.int64)
 
     def prefetch_scores(self, layer):
         """Re-score `layer` just before its access, with the sharpest forecast of that access.
@@ -354,8 +368,10 @@ class Predictive(Policy):
                 # P(e at layer | e' at layer - 1), shrunk to the layer's frequency, for each e' of this token
                 f = self.freq[layer] / self.tokens[layer]
                 cond = (self.pair[layer][prev] + self.pair_prior * f) / (self.pair_n[layer, prev, None] + self.pair_prior)
-                F = np.empty((len(self.blend_prior), self.num_experts))
+                F = np.zeros((len(self.blend_prior), self.num_experts))
                 F[0], F[1] = 1.0, use
+                if self.hints[layer] is not None:
+                    F[4, self.hints[layer]] = 1.0
                 np.add.reduce(cond, axis=0, out=F[2])
                 F[2] /= len(prev)  # the mean, without np.mean's overhead
                 np.maximum.reduce(cond, axis=0, out=F[3])

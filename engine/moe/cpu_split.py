@@ -142,11 +142,13 @@ def one_row_linear(module: torch.nn.Linear, runner: SplitRunner | None,
 def one_row_linears(model: torch.nn.Module, runner: SplitRunner | None,
                     min_bytes: int = SPLIT_MIN_BYTES) -> list[torch.nn.Module]:
     """Give the model's CPU Linear layers a `OneRowLinear` forward where it changes something: those the
-    loader marked for matrix-vector products, and with a `runner` the big ones."""
+    loader marked for matrix-vector products, and with a `runner` the big ones. Not subclasses with a
+    forward of their own (Phi-MoE's router is a Linear that returns the routing, not the product)."""
     done = []
     for module in model.modules():
         w = getattr(module, "weight", None)
-        if not (isinstance(module, torch.nn.Linear) and w.device.type == "cpu" and w.dim() == 2):
+        if not (isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward
+                and w.device.type == "cpu" and w.dim() == 2):
             continue
         forward = one_row_linear(module, runner, min_bytes)
         if forward.runner is not None or forward.mv:

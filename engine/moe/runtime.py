@@ -9,6 +9,7 @@ changes are applied, so a change never lands in the middle of a token.
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import numpy as np
@@ -24,9 +25,12 @@ from .cost_model import CostModel, calibrate_cpu, calibrate_cuda
 from .cpu_experts import CpuExperts
 from .interface import expert_format, expert_tensors
 from .miss_paths import CpuMisses, OffloadMisses
+from .router_hint import find_routers, router_top_k
 from .scheduler import LayerScheduler, Observer
 from .slots import SlotStore, max_slot_bytes
 from .telemetry import Telemetry, cuda_memory, process_memory
+
+log = logging.getLogger(__name__)
 
 
 class HybridRuntime:
@@ -73,6 +77,8 @@ class HybridRuntime:
         self.scheduler = LayerScheduler(self.cache, self.cpu, self.slots, cost, self.telemetry, self.expert_bytes,
                                         self.cpu.weights[0].expert_flops(), admissions_per_layer)
         self.auto = self._auto_verdict()
+        self.routers = find_routers(model, experts_modules, self.num_experts)
+        self.scheduler.router_hint = self.router_hint
 
         self._step_lock = threading.Lock()  # held for a whole model forward
         self._pending_lock = threading.Lock()  # guards the two pending changes below
@@ -125,6 +131,19 @@ class HybridRuntime:
         with self._pending_lock:
             self._pending_policy = name
         self._apply_pending_if_idle()
+
+    def router_hint(self, layer: int, hidden_states: torch.Tensor, top_k: int) -> np.ndarray | None:
+        """The experts MoE layer `layer`'s router picks for `hidden_states` (an earlier layer's MoE input),
+        [tokens, top_k]; None where that layer's router was not found (`router_hint.py`)."""
+        router = self.routers[layer] if 0 <= layer < self.num_layers else None
+        if router is None:
+            return None
+        try:
+            return router_top_k(router, hidden_states, top_k)
+        except RuntimeError as e:  # a router that reads another input than the experts do: no hint, ever
+            log.info("no router hint for MoE layer %d: %s", layer, e)
+            self.routers[layer] = None
+            return None
 
     @property
     def cpu_matmul(self) -> str:

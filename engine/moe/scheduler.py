@@ -63,6 +63,7 @@ class LayerScheduler:
         self.usage = np.zeros((cache.num_layers, cache.num_experts), dtype=np.int64)  # tokens per expert
         self.miss_path = CpuMisses(cpu, telemetry)
         self.policy_seconds = 0.0  # time in the policy and the cache's decisions (`auto` weighs it)
+        self.router_hint: Callable[[int, torch.Tensor, int], np.ndarray | None] | None = None  # set by the runtime
         self.observers: list[Observer] = []
 
     def forward(self, module: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -112,6 +113,11 @@ class LayerScheduler:
         limit = self.admissions_per_layer or top_k
         background = self.slots is not None and self.slots.copies_in_background
         t0 = time.perf_counter()
+        policy = self.cache.policy
+        if tokens == 1 and policy.wants_hints and self.router_hint is not None:  # for the next layer's prefetch
+            hint = self.router_hint(layer + 1, hidden_states, top_k)
+            if hint is not None:
+                policy.hint(layer + 1, hint[0])
         admitted = self.cache.after_access(layer, experts, missed, step, limit, reserve=background)
         self.policy_seconds += spent + time.perf_counter() - t0
         if admitted:

@@ -1,9 +1,10 @@
 """Replay a routing trace under a cache policy and budget, and compare it with the offline optimum.
 
 The replay drives exactly the live engine's code: an `ExpertCache` with a policy from `policies.py`,
-and per row (one step) and MoE layer the runtime's sequence lookup -> policy.record ->
-cache.after_access (admit the misses, limit=top_k, if the policy admits on demand; then prefetch the
-next layer of the same row, or after the last layer, layer 0 of the next row). So the hit rate it
+and per row (one step) and MoE layer the runtime's sequence lookup -> policy.record -> policy.hint (the
+next layer's router hint, where the trace recorded one and the policy takes hints) -> cache.after_access
+(admit the misses, limit=top_k, if the policy admits on demand; then prefetch the next layer of the
+same row, or after the last layer, layer 0 of the next row). So the hit rate it
 reports is the one the engine would get, assuming every copy lands before the access it is for (on CUDA
 a copy still in flight is a miss: a demand admission has a whole step to land, a prefetch one layer).
 Prefetches are copies like any other: they count in `admissions` and `bytes_fetched`.
@@ -95,6 +96,7 @@ def replay(trace: Trace, policy: str, capacity: int, scope: str = "per_layer", *
     shape = (rows, layers)
     out = Replay(np.zeros(shape, np.int64), np.zeros(shape, np.int64), np.zeros(shape, np.int64),
                  np.zeros(shape, np.int64), counted_rows(trace, skip_prefill))
+    hints = trace.hints if pol.wants_hints else None
     for t in range(rows):
         step = t + 1  # the engine counts forwards from 1
         for layer in range(layers):
@@ -104,6 +106,8 @@ def replay(trace: Trace, policy: str, capacity: int, scope: str = "per_layer", *
                 pol.record(layer, experts, counts, step)
                 out.accesses[t, layer] = counts.sum()
                 out.hits[t, layer] = counts[hit].sum()
+            if hints is not None and layer + 1 < layers and (hints[t, layer + 1] >= 0).any():
+                pol.hint(layer + 1, hints[t, layer + 1][hints[t, layer + 1] >= 0])
             done = cache.after_access(layer, experts, ~hit, step, limit=top_k)
             out.admissions[t, layer] = len(done)
             out.evictions[t, layer] = sum(a.evicted is not None for a in done)

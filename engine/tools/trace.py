@@ -10,6 +10,8 @@ and two optional extras written by `record_trace`:
   prompt_rows     int64 [prompts, 2]: (first row, prefill rows) of each prompt, when several prompts
                   were concatenated (`prefill_tokens` then covers the first prompt only)
   expert_bytes    int: bytes of one expert, the simulator's default for its cost model
+  hints           like `experts`: the experts each layer's router picks from the layer before's MoE
+                  input (`moe/router_hint.py`), -1 where there is none (layer 0, no router found)
 Readers must ignore keys they do not know.
 """
 
@@ -33,6 +35,7 @@ class Trace:
     model: str | None = None
     prompt_rows: np.ndarray | None = None  # int64 [prompts, 2]: (first row, prefill rows)
     expert_bytes: int | None = None
+    hints: np.ndarray | None = None  # int32 like experts: the router hint for each (token, layer), -1: none
 
     @property
     def num_layers(self) -> int:
@@ -76,6 +79,11 @@ def validate(trace: Trace) -> Trace:
         raise ValueError(f"trace 'prefill_tokens' ({trace.prefill_tokens}) is outside 0..{e.shape[0]}")
     if trace.weights is not None and np.shape(trace.weights) != e.shape:
         raise ValueError(f"trace 'weights' has shape {np.shape(trace.weights)}, 'experts' {e.shape}")
+    if trace.hints is not None:
+        h = np.asarray(trace.hints)
+        if h.shape != e.shape or not np.issubdtype(h.dtype, np.integer) or (h.size and (h.min() < -1 or h.max() >= trace.num_experts)):
+            raise ValueError(f"trace 'hints' must be expert ids (or -1) shaped like 'experts' {e.shape}")
+        trace.hints = h.astype(np.int32, copy=False)
     if trace.prompt_rows is not None:
         pr = np.asarray(trace.prompt_rows)
         if pr.ndim != 2 or pr.shape[1] != 2 or (pr < 0).any() or (pr.sum(axis=1) > e.shape[0]).any():
@@ -102,6 +110,7 @@ def load_trace(path: str | os.PathLike) -> Trace:
             model=None if model is None else str(model),
             prompt_rows=get("prompt_rows"),
             expert_bytes=None if expert_bytes is None else int(expert_bytes),
+            hints=get("hints"),
         ))
 
 
@@ -112,6 +121,8 @@ def save_trace(path: str | os.PathLike, trace: Trace) -> Path:
                   "prefill_tokens": np.int64(trace.prefill_tokens)}
     if trace.weights is not None:
         data["weights"] = trace.weights
+    if trace.hints is not None:
+        data["hints"] = trace.hints.astype(dtype)
     if trace.model is not None:
         data["model"] = np.str_(trace.model)
     if trace.prompt_rows is not None:
@@ -126,39 +137,50 @@ def save_trace(path: str | os.PathLike, trace: Trace) -> Path:
 
 
 class TraceRecorder:
-    """A runtime observer (`add_observer`): keeps each step's per-layer routing, stacks it into rows."""
+    """A runtime observer (`add_observer`): keeps each step's per-layer routing and router hints (the
+    next layer's router on this layer's input), stacks them into rows."""
 
     def __init__(self, runtime):
         self.runtime = runtime
         self.num_layers = runtime.num_layers
         self.steps: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+        self.hints: dict[int, dict[int, np.ndarray]] = {}  # step -> layer -> [tokens, top_k]
         self._lock = threading.Lock()
 
     def __call__(self, event) -> None:
         ids = event.experts.copy()
         weights = event.top_k_weights.detach().float().cpu().numpy().reshape(ids.shape)
+        hint = self.runtime.router_hint(event.layer + 1, event.hidden_states, ids.shape[1])
         with self._lock:
             self.steps.setdefault(event.step, {})[event.layer] = (ids, weights)
+            if hint is not None:
+                self.hints.setdefault(event.step, {})[event.layer + 1] = hint
 
-    def rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """(experts, weights) of every step so far, in order, [tokens, layers, top_k]; clears the record."""
+    def rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(experts, weights, hints) of every step so far, in order, [tokens, layers, top_k]; clears the
+        record."""
         with self._lock:
             steps, self.steps = self.steps, {}
-        blocks_e, blocks_w = [], []
+            hints, self.hints = self.hints, {}
+        blocks: tuple[list, list, list] = ([], [], [])
         for step in sorted(steps):
             per_layer = steps[step]
             tokens = max(ids.shape[0] for ids, _ in per_layer.values())
             top_k = next(iter(per_layer.values()))[0].shape[1]
             e = np.full((tokens, self.num_layers, top_k), -1, dtype=np.int32)
             w = np.zeros((tokens, self.num_layers, top_k), dtype=np.float32)
+            h = np.full((tokens, self.num_layers, top_k), -1, dtype=np.int32)
             for layer, (ids, wts) in per_layer.items():
                 e[:ids.shape[0], layer] = ids
                 w[:ids.shape[0], layer] = wts
-            blocks_e.append(e)
-            blocks_w.append(w)
-        if not blocks_e:
-            return np.zeros((0, self.num_layers, 0), np.int32), np.zeros((0, self.num_layers, 0), np.float32)
-        return np.concatenate(blocks_e), np.concatenate(blocks_w)
+            for layer, ids in hints.get(step, {}).items():
+                h[:ids.shape[0], layer, :ids.shape[1]] = ids
+            for block, rows in zip(blocks, (e, w, h)):
+                block.append(rows)
+        if not blocks[0]:
+            empty = np.zeros((0, self.num_layers, 0), np.int32)
+            return empty, empty.astype(np.float32), empty
+        return tuple(np.concatenate(b) for b in blocks)
 
 
 def record_trace(loaded, prompts: Iterable[str | list[int]], params, chat: bool = False,
@@ -178,7 +200,7 @@ def record_trace(loaded, prompts: Iterable[str | list[int]], params, chat: bool 
     session = Session(loaded)
     recorder = TraceRecorder(runtime)
     runtime.add_observer(recorder)
-    experts, weights, segments = [], [], []
+    experts, weights, hints, segments = [], [], [], []
     rows = 0
     try:
         for i, prompt in enumerate(prompts):
@@ -191,21 +213,24 @@ def record_trace(loaded, prompts: Iterable[str | list[int]], params, chat: bool 
                 events = session.generate(prompt, params)
             for _ in events:
                 pass
-            e, w = recorder.rows()
+            e, w, h = recorder.rows()
             stats = session.last_stats
             segments.append((rows, stats["prompt_tokens"] - stats["reused_prompt_tokens"]))
             rows += len(e)
             experts.append(e)
             weights.append(w)
+            hints.append(h)
     finally:
         runtime.remove_observer(recorder)
     if progress:
         progress(1.0, "trace done")
     prompt_rows = np.array(segments, dtype=np.int64).reshape(-1, 2)
+    hints = np.concatenate(hints)
     return validate(Trace(
         experts=np.concatenate(experts), num_experts=runtime.num_experts,
         prefill_tokens=int(prompt_rows[0, 1]) if len(prompt_rows) else 0,
         weights=np.concatenate(weights), model=loaded.info.name,
         prompt_rows=prompt_rows if len(prompt_rows) > 1 else None,
         expert_bytes=int(runtime.expert_bytes),
+        hints=hints if (hints >= 0).any() else None,
     ))

@@ -67,6 +67,30 @@ def _tokens_with_experts_shuffled(model) -> list[int]:
     return out[0, len(PROMPT):].tolist()
 
 
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3", "phimoe"])
+def test_router_hints_read_the_right_router(tmp_path, model_type):
+    """The router found beside each layer's experts, applied to that layer's own input, picks the experts
+    the layer picked (plain top-k routers; grouped or corrected ones may differ a little): so a layer
+    early, on the layer before's input, it is the forecast `router_hint` means it to be."""
+    from engine.moe.router_hint import router_top_k
+
+    loaded = load_model(make_zoo_model(tmp_path / model_type, model_type), device="cpu", budget=0.5,
+                        force_slots=True, profile=None)
+    rt = loaded.runtime
+    assert all(r is not None for r in rt.routers)
+    agree = []
+
+    def check(event):
+        own = router_top_k(rt.routers[event.layer], event.hidden_states, event.experts.shape[1])
+        agree.extend(set(a) == set(b) for a, b in zip(own.tolist(), event.experts.tolist()))
+
+    rt.add_observer(check)
+    session = Session(loaded)
+    session.eos_ids = set()
+    list(session.generate(PROMPT, GenerationParams(max_new_tokens=3, greedy=True, repetition_penalty=1.0)))
+    assert len(agree) > 0 and sum(agree) >= 0.9 * len(agree)
+
+
 def test_post_expert_norm_path_is_among_them():
     """muse_spark normalises each expert's output before weighting it: the engine's path for that runs above."""
     from engine.moe.interface import is_experts_module

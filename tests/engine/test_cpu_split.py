@@ -101,6 +101,22 @@ def test_one_row_linear_matches_linear_and_leaves_batches_alone(mv, split):
             runner.close()
 
 
+def test_linear_subclasses_with_their_own_forward_keep_it():
+    import torch
+
+    from engine.moe.cpu_split import one_row_linears
+
+    class Router(torch.nn.Linear):  # as Phi-MoE's: a Linear whose forward returns the routing
+        def forward(self, x):
+            return x, super().forward(x), None
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), Router(8, 4))
+    for m in model:
+        m._moe_one_row_mv = True  # as the loader marks them where matrix-vector products win
+    assert one_row_linears(model, None, min_bytes=0) == [model[0]]
+    assert len(model[1](torch.randn(1, 8))) == 3
+
+
 def test_two_threads_split_decode_and_restore_the_thread_count(tiny_model_factory, monkeypatch):
     import torch
 

@@ -21,6 +21,7 @@ from engine.tools.simulator import (
     replay,
     simulate,
 )
+from engine.tools.synthetic_trace import synthetic_trace
 from engine.tools.trace import Trace, save_trace
 
 
@@ -165,6 +166,20 @@ def test_simulate_cli_json(tmp_path, capsys):
                  "--profile", str(other), "--skip-prefill", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["scope"] == "pooled" and r["skip_prefill"] and "modelled_tokens_per_s" not in r
+
+
+def test_router_hints_sharpen_the_predictive_forecast():
+    # the trace's hints are the routing itself (a perfect router hint): predictive prefetches what each
+    # next layer uses; hints of -1 (none recorded) change nothing
+    t = synthetic_trace("qwen", rows=160, seed=2, prompts=1, prefill=8)
+    capacity = round(0.25 * t.num_experts) * t.num_layers
+    plain = replay(t, "predictive", capacity).hits.sum()
+    t.hints = np.full_like(t.experts, -1)
+    assert replay(t, "predictive", capacity).hits.sum() == plain
+    t.hints = t.experts.copy()
+    t.hints[:, 0] = -1  # the first layer has no layer before it
+    assert replay(t, "predictive", capacity).hits.sum() > 1.1 * plain
+    assert replay(t, "lru", capacity).hits.sum() < plain  # LRU takes no hints
 
 
 def test_policy_list(capsys):

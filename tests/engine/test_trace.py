@@ -18,8 +18,9 @@ from engine.tools.trace import Trace, load_trace, record_trace, save_trace
 def test_round_trip_dtypes_and_missing_records(tmp_path):
     e = np.array([[[0, 3], [-1, -1]], [[2, 1], [3, -1]]], dtype=np.int64)
     w = np.random.default_rng(0).random(e.shape)
+    hints = np.array([[[-1, -1], [2, 0]], [[-1, -1], [3, 1]]])
     t = Trace(e, 4, prefill_tokens=1, weights=w, model="tiny", prompt_rows=np.array([[0, 1], [1, 1]]),
-              expert_bytes=1024)
+              expert_bytes=1024, hints=hints)
     path = save_trace(tmp_path / "t.npz", t)
     with np.load(path) as raw:  # what other tools see
         assert raw["experts"].dtype == np.int16 and raw["experts"].shape == (2, 2, 2)
@@ -29,7 +30,7 @@ def test_round_trip_dtypes_and_missing_records(tmp_path):
     assert back.experts.dtype == np.int32 and (back.experts == e).all()
     assert back.num_layers == 2 and back.top_k == 2 and len(back) == 2
     assert back.model == "tiny" and back.expert_bytes == 1024 and back.prompt_rows.tolist() == [[0, 1], [1, 1]]
-    assert back.prefill_mask().tolist() == [True, True]
+    assert back.prefill_mask().tolist() == [True, True] and (back.hints == hints).all()
     assert back.usage().tolist() == [[1, 1, 1, 1], [0, 0, 0, 1]]  # -1 is no use
 
 
@@ -46,6 +47,7 @@ def test_minimal_trace_from_another_tool(tmp_path):
     ({"experts": np.zeros((1, 1, 1), dtype=np.int32), "num_experts": 2, "weights": np.zeros((1, 1, 2))}, "weights"),
     ({"experts": np.zeros((1, 1, 1), dtype=np.int32), "num_experts": 2, "prefill_tokens": 3}, "prefill_tokens"),
     ({"experts": np.zeros((1, 1, 1), dtype=np.int32)}, "not a routing trace"),
+    ({"experts": np.zeros((1, 1, 1), dtype=np.int32), "num_experts": 2, "hints": np.full((1, 1, 1), 2)}, "hints"),
 ])
 def test_invalid_traces_are_refused(tmp_path, bad, message):
     path = tmp_path / "bad.npz"
@@ -67,6 +69,8 @@ def test_trace_cli_records_a_tiny_model(tiny_model, tmp_path, capsys):
     assert (np.sort(t.experts, axis=2)[..., 1:] != np.sort(t.experts, axis=2)[..., :-1]).all()  # distinct top-k
     assert t.weights.shape == t.experts.shape and t.weights.dtype == np.float32
     assert t.expert_bytes > 0
+    # router hints: none for the first layer, the next layer's router's top-k (distinct) for the others
+    assert (t.hints[:, 0] == -1).all() and (t.hints[:, 1:] >= 0).all() and (t.hints[:, 1:, 0] != t.hints[:, 1:, 1]).all()
 
 
 def test_trace_cli_several_prompts(tiny_model, tmp_path, capsys):
