@@ -57,6 +57,13 @@ class ExpertCache:
         self.hits = 0  # accessed experts found resident (each once per access), to compare with the shadow's
         self.resize(capacity, step=0)
 
+    def use_policy(self, policy: Policy) -> None:
+        """A newly chosen policy keeps the residents; a copy cap counts afresh from them (a shadow kept
+        through another policy's decisions would hold what this cache no longer does)."""
+        self.policy = policy
+        self.shadow = None
+        self.allowance = 0
+
     @property
     def layer_aware(self) -> bool:
         """Whether the pooled budget is split across layers by measured demand."""

@@ -3,13 +3,13 @@
 Predictive's copy cap already runs a shadow LRU cache of the same size over the same accesses
 (`ShadowLRU`), so what LRU would have hit is known at every access. Each hit predictive adds saves
 one expert product on the CPU, less its cost on the fast device (the cost model, measured at load);
-its bookkeeping is timed in the scheduler (all of it: LRU's own share, about 12 µs per layer and step
-here, is counted against it, which errs towards LRU). Every `window` steps the two are compared, and
-when the time saved falls short of the time spent, the runtime turns to LRU for the rest of the load
-(or until a policy is chosen again). On this project's 2-core Xeon predictive's bookkeeping costs 60-200 µs more
-than LRU's per layer and step, while a CPU expert product of a fine-grained model in bf16 takes
-0.15-0.5 ms: it pays where it adds a hit in every few layers, not where LRU already hits almost
-everything (half of a 256-expert layer's experts cached).
+its bookkeeping, router hint included, is timed in the scheduler (all of it: LRU's own share, about
+12 µs per layer and step here, is counted against it, which errs towards LRU). Every `window` steps
+the two are compared, and when the time saved falls short of the time spent, the runtime turns to
+LRU for the rest of the load (or until a policy is chosen again). On this project's 2-core Xeon
+predictive costs 60-200 µs more than LRU per layer and step, while a CPU expert product of a
+fine-grained model in bf16 takes 0.15-0.5 ms: it pays where it adds a hit in every few layers, not
+where LRU already hits almost everything (half of a 256-expert layer's experts cached).
 """
 
 from __future__ import annotations

@@ -301,7 +301,7 @@ class HybridRuntime:
             _, plus, suffix = self.policy.name.partition("+")
             self.policy = make_policy("lru" + plus + suffix, self.num_layers, self.num_experts, self.profile)
             self.policy.last[:] = shadow.last  # the recency the shadow kept: no cold start
-            self.cache.policy = self.policy
+            self.cache.policy = self.policy  # (the shadow stays, unused, for the snapshot's comparison)
 
     def _apply_pending_if_idle(self) -> None:
         if self._step_lock.acquire(blocking=False):
@@ -317,7 +317,7 @@ class HybridRuntime:
         if name is not None:
             self.policy = make_policy(name, self.num_layers, self.num_experts, self.profile, self.simulated_cache)
             self.policy_name = name
-            self.cache.policy = self.policy
+            self.cache.use_policy(self.policy)
             self.auto = self._auto_verdict()
         if nbytes is not None:
             self._apply_budget(nbytes)

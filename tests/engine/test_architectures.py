@@ -67,7 +67,8 @@ def _tokens_with_experts_shuffled(model) -> list[int]:
     return out[0, len(PROMPT):].tolist()
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3", "phimoe"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3", "phimoe",
+                                        "hunyuan_v1_moe", "afmoe"])  # the last two: a linear inside the gate
 def test_router_hints_read_the_right_router(tmp_path, model_type):
     """The router found beside each layer's experts, applied to that layer's own input, picks the experts
     the layer picked (plain top-k routers; grouped or corrected ones may differ a little): so a layer

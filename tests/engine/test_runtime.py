@@ -155,4 +155,5 @@ def test_auto_turns_to_lru_where_predictive_saves_nothing(tiny_model):
     assert (rt.policy.last >= rt.cache.shadow.last).all()  # LRU started from the recency the shadow kept
     rt.set_policy("auto")  # chosen again: predictive again, weighed afresh
     assert rt.snapshot()["active_policy"] == "predictive" and not rt.auto.turned
+    assert rt.cache.shadow is None and rt.cache.allowance == 0  # its copy cap counts afresh from what is held
     assert len(tokens) == GREEDY.max_new_tokens
