@@ -238,6 +238,8 @@ def test_q4_0_experts_are_the_engines_int4_exactly(tiny_model_factory, tmp_path)
             assert torch.equal(held[name], ref[name]), name  # bit-exact weights
     slots = load_model(file, experts="auto", force_slots=True, **{**KW, "budget": 0.3})
     assert greedy(slots, PROMPT) == greedy(loaded, PROMPT)  # the cache never changes tokens
+    # with real slots `auto` is predictive, and a GGUF model's routers give it hints as a folder's do
+    assert slots.runtime.policy.name == "predictive" and all(r is not None for r in slots.runtime.routers[1:])
 
 
 def test_q4_0_int4_with_float32_activations_computes_the_files_values(tiny_model_factory, tmp_path, monkeypatch):
